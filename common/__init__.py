@@ -1,0 +1,1 @@
+"""Thin shared SAE core."""

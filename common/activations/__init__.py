@@ -1,0 +1,1 @@
+"""Activation files, the sharded on-disk store and streaming loaders."""

@@ -1,0 +1,1 @@
+"""Evaluations: one entry point (``common.evals.evaluate``) writing one metrics dict per SAE."""

@@ -1,0 +1,178 @@
+"""The one interface every SAE architecture implements.
+
+Conventions (shared by every file in this package, and by the SAELens on-disk format):
+
+* ``x`` is a batch of activations, shape ``(batch, d_in)``, fp32.
+* ``W_enc`` has shape ``(d_in, d_sae)``, ``W_dec`` has shape ``(d_sae, d_in)``: row ``i`` of
+  ``W_dec`` is the direction of latent ``i``.
+* ``b_dec`` (``b_pre`` in the papers) is subtracted before encoding and added after decoding.
+* ``encode(x) -> z`` of shape ``(batch, d_sae)``, ``decode(z) -> x_hat``,
+  ``forward(x) -> x_hat``, ``loss(x, ctx) -> LossOutput``.
+
+The trainer (``common.train``) only talks to this interface: it calls ``init_from_data`` once on a
+sample, ``loss`` every step, ``before_step`` between backward and the optimizer step,
+``after_step`` after every optimizer step (decoder-norm constraints and
+other projections live there), and ``save`` / ``load`` for checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class SAEConfig:
+    """Hyperparameters shared by every architecture; subclasses add their own fields."""
+
+    d_in: int
+    d_sae: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SAE config: `{name}` must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainContext:
+    """What the trainer tells ``SAE.loss`` about the current step."""
+
+    step: int = 0
+    total_steps: int = 1
+    # Latents that have not fired for ``dead_after_tokens`` tokens (used by AuxK-style losses).
+    dead_mask: Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    """``loss`` is what the optimizer minimises; ``terms`` are detached scalars for logging."""
+
+    loss: Tensor
+    x_hat: Tensor
+    z: Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    """Base class: subclasses set ``name`` and ``config_class`` and implement encode/decode/loss."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    # --- the interface -------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialisation from a sample of activations (default: b_dec = mean)."""
+        if hasattr(self, "b_dec"):
+            self.b_dec.copy_(x.mean(0))
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Gradient surgery between ``backward`` and ``optimizer.step`` (e.g. tangent projection)."""
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Projection applied after every optimizer step (e.g. unit-norm decoder rows)."""
+
+    @property
+    def decoder_directions(self) -> Tensor:
+        """``(d_sae, d_in)`` matrix of latent directions, for evaluation (ground-truth recovery)."""
+        return self.W_dec  # type: ignore[return-value]
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``sae.safetensors`` and ``config.json`` (``{"architecture": ..., **cfg}``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        config = {"architecture": self.name, **self.cfg.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SAE:
+        """Load any registered architecture from a directory written by ``save``."""
+        from common.sae.registry import build_sae
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"No SAE checkpoint at {directory}: missing {path.name}. "
+                    "Train one with `python -m common.train` or check the path."
+                )
+        config = json.loads(config_path.read_text())
+        arch = config.pop("architecture", None)
+        if arch is None:
+            raise ValueError(f"{config_path} has no `architecture` field; it was not written by SAE.save")
+        sae = build_sae(arch, **config)
+        state = load_file(str(weights_path))
+        missing, unexpected = set(sae.state_dict()) - set(state), set(state) - set(sae.state_dict())
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match architecture {arch!r}: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        sae.load_state_dict(state)
+        return sae
+
+
+def unit_norm_rows_(weight: Tensor, eps: float = 1e-8) -> None:
+    """In place: ``W[i] <- W[i] / ||W[i]||`` (Cunningham et al. 2024; Bricken et al. 2023)."""
+    weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(eps))
+
+
+def remove_parallel_grad_(weight: Tensor, eps: float = 1e-8) -> None:
+    """In place on ``weight.grad``: drop the component of each row's gradient along the row.
+
+    With unit-norm decoder rows this keeps the optimizer step tangent to the sphere, so the
+    renormalisation after the step changes the direction as little as possible.
+    """
+    if weight.grad is None:
+        return
+    unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(eps)
+    weight.grad.sub_((weight.grad * unit).sum(1, keepdim=True) * unit)
+
+
+def reconstruction_mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Per-token squared error summed over features, averaged over the batch: E||x - x_hat||^2."""
+    return (x - x_hat).pow(2).sum(-1).mean()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum||x - x_hat||^2 / sum||x - mean(x)||^2."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
