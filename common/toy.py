@@ -121,3 +121,50 @@ GENERATORS = {
     "correlated": correlated,
     "known_magnitudes": known_magnitudes,
 }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write a toy data set as safetensors: ``x`` (train), ``x_eval`` (held out), ``features``, ``codes``."""
+    import argparse
+    import inspect
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    p = argparse.ArgumentParser(description="Generate ground-truth toy activations.")
+    p.add_argument("--generator", choices=sorted(GENERATORS), default="superposition")
+    p.add_argument("--n-samples", type=int, default=20_000)
+    p.add_argument("--n-features", type=int, default=None)
+    p.add_argument("--d", type=int, default=None)
+    p.add_argument("--p-active", type=float, default=None)
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    generator = GENERATORS[args.generator]
+    accepted = inspect.signature(generator).parameters
+    kwargs = {"n_samples": args.n_samples, "seed": args.seed}
+    for name in ("n_features", "d", "p_active"):
+        value = getattr(args, name)
+        if value is not None:
+            if name not in accepted:
+                raise SystemExit(f"error: generator {args.generator!r} has no parameter {name!r}")
+            kwargs[name] = value
+    data = generator(**kwargs)
+    n_eval = int(round(args.eval_fraction * args.n_samples))
+    tensors = {
+        "x": data.x[n_eval:].contiguous(),
+        "x_eval": data.x[:n_eval].contiguous(),
+        "features": data.features.contiguous(),
+        "codes_eval": data.codes[:n_eval].contiguous(),
+    }
+    if data.parents is not None:
+        tensors["parents"] = data.parents.contiguous()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"generator": args.generator, **{k: str(v) for k, v in kwargs.items()}})
+    print(f"wrote {out}: {len(tensors['x'])} train / {n_eval} eval vectors, true L0 {data.true_l0:.2f}")
+
+
+if __name__ == "__main__":
+    main()

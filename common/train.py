@@ -279,37 +279,79 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _extra_hyperparameters(extra: list[str]) -> dict[str, Any]:
+    """Hyperparameters from leftover ``--name value`` flags, as DVC unpacks a params dict.
+
+    ``--name v`` -> v; ``--name v1 v2`` -> [v1, v2]; ``--name`` -> True; ``--no-name`` -> False
+    (DVC's ``parsing.bool: boolean_optional`` and ``parsing.list: nargs``, see .dvc/config).
+    """
+    hyper: dict[str, Any] = {}
+    key: str | None = None
+    values: list[Any] = []
+
+    def flush() -> None:
+        if key is None:
+            return
+        if values:
+            hyper[key] = values[0] if len(values) == 1 else list(values)
+        elif key.startswith("no_"):
+            hyper[key[3:]] = False
+        else:
+            hyper[key] = True
+
+    for token in extra:
+        if token.startswith("--"):
+            flush()
+            key, values = token[2:].replace("-", "_"), []
+        elif key is None:
+            raise SystemExit(f"error: unexpected argument {token!r}; hyperparameters go as --name value")
+        else:
+            values.append(_parse_value(token))
+    flush()
+    return hyper
+
+
 def main(argv: list[str] | None = None) -> None:
     from common.activations.files import load_activation_file
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help=".npy / .safetensors file (N x d) or an activation store folder")
-    p.add_argument("--arch", required=True, help="architecture name, e.g. relu, topk, gated")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture hyperparameter")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other `--name value` pair is an SAE hyperparameter (e.g. --k 32 --d_sae 4096).",
+    )
+    p.add_argument("--data", required=True, help=".npy / .safetensors (N x d) or an activation store folder")
+    p.add_argument("--key", default=None, help="tensor name inside a multi-tensor .safetensors file")
+    p.add_argument("--arch", "--architecture", dest="arch", required=True, help="e.g. relu, topk, gated")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SAE hyperparameter")
     p.add_argument("--out", required=True, help="output folder (checkpoint/, sae/, live/)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    skip = ("architecture", "sae", "adam_betas")
     for name, f in TrainConfig.__dataclass_fields__.items():
-        if name in ("architecture", "sae", "adam_betas"):
-            continue
-        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
-    args = p.parse_args(argv)
-    hyper = {}
+        if name not in skip:
+            p.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, type=type(f.default), default=f.default)
+    args, extra = p.parse_known_args(argv)
+    hyper = _extra_hyperparameters(extra)
     for item in args.set:
         if "=" not in item:
             p.error(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         hyper[key] = _parse_value(value)
-    train_kwargs = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if k not in ("architecture", "sae", "adam_betas")}
-    cfg = TrainConfig(architecture=args.arch, sae=hyper, **train_kwargs)
-    data_path = Path(args.data)
-    if data_path.is_dir():
-        from common.activations.store import ActivationStore  # issue 4's sharded store
+    train_kwargs = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if k not in skip}
+    try:
+        cfg = TrainConfig(architecture=args.arch, sae=hyper, **train_kwargs)
+        data_path = Path(args.data)
+        if data_path.is_dir():
+            from common.activations.store import ActivationStore  # the sharded store
 
-        data: BatchSource = ActivationStore(data_path).batches(cfg.batch_size, seed=cfg.seed)
-    else:
-        data = TensorBatches(load_activation_file(data_path), cfg.batch_size, seed=cfg.seed)
-    out = Path(args.out)
-    train(cfg, data, out, resume=not args.no_resume, live_dir=out / "live")
+            data: BatchSource = ActivationStore(data_path).batches(cfg.batch_size, seed=cfg.seed)
+        else:
+            x = load_activation_file(data_path, key=args.key)
+            data = TensorBatches(x, cfg.batch_size, seed=cfg.seed)
+        out = Path(args.out)
+        train(cfg, data, out, resume=not args.no_resume, live_dir=out / "live", progress=not args.quiet)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, TrainingDiverged) as err:
+        raise SystemExit(f"error: {err}") from err
     print(f"saved {out / FINAL_DIR}")
 
 

@@ -1,1 +1,5 @@
-"""Evaluations: one entry point (``common.evals.evaluate``) writing one metrics dict per SAE."""
+"""Evaluations: one entry point, ``evaluate``, writing one metrics dict per SAE."""
+
+from common.evals.evaluate import evaluate
+
+__all__ = ["evaluate"]

@@ -65,7 +65,10 @@ class ReluSAE(SAE):
         super().__init__(cfg)
         w = torch.randn(cfg.d_sae, cfg.d_in)
         unit_norm_rows_(w)
-        self.W_enc = nn.Parameter(w.t().clone())
+        # Encoder = decoder^T, scaled so that the initial reconstruction has roughly the input's
+        # scale (about d_sae/2 latents fire at init); tied weights cannot be scaled.
+        scale = 1.0 if cfg.tied else min(1.0, 2 * cfg.d_in / cfg.d_sae)
+        self.W_enc = nn.Parameter(w.t().clone() * scale)
         if not cfg.tied:
             self.W_dec = nn.Parameter(w.clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))

@@ -1,0 +1,83 @@
+"""The one evaluation entry point: an SAE and activations in, one flat metrics dict out.
+
+    python -m common.evals.evaluate --sae runs/toy/relu/sae --data data/toy/toy.safetensors \
+        --key x --features-key features --out metrics/toy/relu.json
+
+Reconstruction and sparsity metrics always; ground-truth recovery when the true features are given
+(toy data). Later metrics (downstream loss, absorption, probing) plug in here as further sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from common.evals.ground_truth import random_dictionary_baseline, recovery_metrics
+from common.evals.reconstruction import reconstruction_metrics
+from common.evals.sparsity import log_frequency_histogram, sparsity_metrics
+from common.sae import SAE
+
+
+@torch.no_grad()
+def encode_decode(sae: SAE, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """``(z, x_hat)`` for all of ``x``, in eval mode, batch by batch."""
+    was_training = sae.training
+    sae.eval()
+    zs, x_hats = [], []
+    for chunk in x.split(batch_size):
+        z = sae.encode(chunk)
+        zs.append(z)
+        x_hats.append(sae.decode(z))
+    sae.train(was_training)
+    return torch.cat(zs), torch.cat(x_hats)
+
+
+def evaluate(
+    sae: SAE, x: Tensor, *, true_features: Tensor | None = None, with_histogram: bool = False
+) -> dict[str, float | dict]:
+    """Reconstruction + sparsity (+ ground-truth recovery) of ``sae`` on activations ``x``."""
+    z, x_hat = encode_decode(sae, x)
+    metrics: dict[str, float | dict] = {
+        "architecture": sae.name,  # type: ignore[dict-item]
+        "d_sae": sae.cfg.d_sae,
+        **reconstruction_metrics(x, x_hat),
+        **sparsity_metrics(z),
+    }
+    if true_features is not None:
+        metrics.update(recovery_metrics(true_features, sae.decoder_directions))
+        baseline = random_dictionary_baseline(true_features, sae.cfg.d_sae)
+        metrics.update({f"random_{k}": v for k, v in baseline.items()})
+    if with_histogram:
+        metrics["log_frequency_histogram"] = log_frequency_histogram(z)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    from common.activations.files import load_activation_file
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", required=True, help="folder written by SAE.save (config.json + sae.safetensors)")
+    p.add_argument("--data", required=True, help="activation file (.npy / .safetensors)")
+    p.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors file")
+    p.add_argument("--features-key", default=None, help="tensor with the true features (toy data)")
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+    args = p.parse_args(argv)
+    try:
+        sae = SAE.load(args.sae)
+        x = load_activation_file(args.data, key=args.key)
+        features = load_activation_file(args.data, key=args.features_key) if args.features_key else None
+        metrics = evaluate(sae, x, true_features=features)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        raise SystemExit(f"error: {err}") from err
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Validation of ``params.yaml`` before any work, and switching between profiles.
+
+Every key of ``params.yaml`` is declared in ``SCHEMA`` with the kind of value it takes. A typo, a
+wrong type or a negative budget fails at once with the dotted key, the value found and the value
+expected; ``check_params`` is the first stage of the pipeline.
+
+    python -m common.params check               # validate params.yaml
+    python -m common.params use smoke           # params.yaml <- default profile + profiles/smoke.yaml
+    python -m common.params use default         # back to the embedded default profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Check = Callable[[Any], bool]
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ROOT / "profiles"
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is malformed; the message names the key and what is expected."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+# Leaf validators: (predicate, description of the expected value).
+POS_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+NONNEG_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+POS_FLOAT = (lambda v: _is_number(v) and v > 0, "a positive number")
+NONNEG_FLOAT = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+PROBABILITY = (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+STRING = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def one_of(*choices: str) -> tuple[Check, str]:
+    return (lambda v: v in choices, f"one of {list(choices)}")
+
+
+def _sae_hyperparameters(value: Any, key: str) -> None:
+    """``{run_name: {architecture: ..., hyperparameter: value}}``, checked against the registry.
+
+    ``architecture`` defaults to the run name, so ``relu: {l1_coefficient: 1e-3}`` is a ReLU SAE
+    and ``topk_no_aux: {architecture: topk, aux_coefficient: 0}`` a TopK SAE without AuxK.
+    """
+    from common.sae import available_architectures, get_architecture
+
+    if not isinstance(value, dict) or not value:
+        raise ParamsError(f"params.yaml: `{key}` must map run names to SAE hyperparameters")
+    for run, hyper in value.items():
+        if not isinstance(hyper, dict):
+            raise ParamsError(f"params.yaml: `{key}.{run}` must be a mapping of hyperparameters")
+        arch = hyper.get("architecture", run)
+        if arch not in available_architectures():
+            raise ParamsError(
+                f"params.yaml: `{key}.{run}`: unknown architecture {arch!r}; valid: "
+                f"{available_architectures()} (add `architecture: <name>` to a custom run name)"
+            )
+        config_class = get_architecture(arch).config_class
+        fields = {f.name for f in dataclasses.fields(config_class)} - {"d_in"}
+        unknown = sorted(set(hyper) - fields - {"architecture"})
+        if unknown:
+            raise ParamsError(
+                f"params.yaml: `{key}.{run}`: unknown hyperparameter(s) {unknown} for {arch!r}; "
+                f"valid: {sorted(fields)}"
+            )
+        try:
+            config_class(d_in=1, **{k: v for k, v in hyper.items() if k != "architecture"})
+        except (TypeError, ValueError) as err:
+            raise ParamsError(f"params.yaml: `{key}.{run}`: {err}") from err
+
+
+SAE_HYPERPARAMETERS = "sae-hyperparameters"
+
+SCHEMA: dict[str, Any] = {
+    "seed": NONNEG_INT,
+    "toy": {
+        "generator": one_of("superposition", "hierarchical", "correlated", "known_magnitudes"),
+        "n_samples": POS_INT,
+        "n_features": POS_INT,
+        "d": POS_INT,
+        "p_active": PROBABILITY,
+    },
+    "toy_train": {
+        "steps": POS_INT,
+        "batch_size": POS_INT,
+        "lr": POS_FLOAT,
+        "lr_warmup_steps": NONNEG_INT,
+        "lr_decay_fraction": FRACTION,
+        "dead_after_tokens": POS_INT,
+        "saes": SAE_HYPERPARAMETERS,
+    },
+    "compare": {
+        "title": STRING,
+    },
+}
+
+
+def _validate(value: Any, schema: Any, key: str) -> None:
+    if schema == SAE_HYPERPARAMETERS:
+        _sae_hyperparameters(value, key)
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise ParamsError(f"params.yaml: `{key or '<top level>'}` must be a mapping, got {value!r}")
+        unknown = sorted(set(value) - set(schema))
+        if unknown:
+            raise ParamsError(
+                f"params.yaml: unknown key(s) {[f'{key}.{u}'.lstrip('.') for u in unknown]}; "
+                f"valid keys{' under `' + key + '`' if key else ''}: {sorted(schema)}"
+            )
+        missing = sorted(set(schema) - set(value))
+        if missing:
+            raise ParamsError(
+                f"params.yaml: missing key(s) {[f'{key}.{m}'.lstrip('.') for m in missing]}; "
+                "see profiles/README.md or restore it with `python -m common.params use default`"
+            )
+        for name, sub in schema.items():
+            _validate(value[name], sub, f"{key}.{name}".lstrip("."))
+    else:
+        check, expected = schema
+        if not check(value):
+            raise ParamsError(f"params.yaml: `{key}` must be {expected}, got {value!r}")
+
+
+def validate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Raise ``ParamsError`` naming the first bad key; return ``params`` unchanged otherwise."""
+    _validate(params, SCHEMA, "")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    return validate_params(params)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` wins; nested mappings merge key by key; a ``null`` in the overlay deletes."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def profile_params(name: str) -> dict[str, Any]:
+    """The default profile (``profiles/default.yaml``) with ``profiles/<name>.yaml`` merged on top."""
+    default = yaml.safe_load((PROFILES / "default.yaml").read_text())
+    if name == "default":
+        return default
+    overlay_path = PROFILES / f"{name}.yaml"
+    if not overlay_path.exists():
+        valid = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise ParamsError(f"unknown profile {name!r}; valid profiles: {valid}")
+    return deep_merge(default, yaml.safe_load(overlay_path.read_text()) or {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate params.yaml")
+    check.add_argument("--params", default="params.yaml")
+    check.add_argument("--out", help="write a small JSON stamp here when valid")
+    use = sub.add_parser("use", help="write params.yaml from a profile")
+    use.add_argument("profile")
+    use.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            load_params(args.params)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                # Content independent of the values, so downstream stages rerun only on their own params.
+                Path(args.out).write_text(json.dumps({"params_valid": True}) + "\n")
+            print(f"{args.params}: valid")
+        else:
+            params = validate_params(profile_params(args.profile))
+            header = (
+                f"# Generated by `python -m common.params use {args.profile}` from profiles/. Edit freely\n"
+                "# (`dvc exp run -S key=value` too); restore with `python -m common.params use default`.\n"
+            )
+            Path(args.params).write_text(header + yaml.safe_dump(params, sort_keys=False))
+            print(f"{args.params} <- profile {args.profile!r}")
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

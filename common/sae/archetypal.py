@@ -1,0 +1,196 @@
+"""Archetypal SAE (A-SAE) and its relaxed variant (RA-SAE) (Fel et al., ICML 2025, paper 18).
+
+The dictionary is tied to the data:
+
+    D      = W C (+ Lambda)        C: (n_candidates, d_in) FIXED data points (a buffer)
+                                   W: (d_sae, n_candidates), row-stochastic: W >= 0, W 1 = 1
+                                   Lambda: (d_sae, d_in), ||Lambda_i|| <= delta  (RA-SAE only)
+    z      = TopK(W_enc^T (x - b_dec) + b_enc)
+    x_hat  = z D + b_dec
+    L      = ||x - x_hat||^2
+
+so every atom lies in the convex hull of the candidates (A-SAE, ``delta = 0``) or within distance
+``delta`` of it (RA-SAE). The paper's claim: this geometric anchoring makes dictionaries far more
+stable across training runs (see ``common.evals.stability``) at little reconstruction cost for
+RA-SAE.
+
+Choices, following the paper and its reference code (the ``overcomplete`` library):
+* Candidates ``C`` are k-means centroids of the data (``candidates="kmeans"``, the paper's choice,
+  which shrinks a large data set to ``n_candidates`` representative points); ``"sample"`` takes a
+  random subset of the data instead. They are centred on the initial ``b_dec`` (the data mean),
+  because the dictionary reconstructs ``x - b_dec``; they are set once, in ``init_from_data``, and
+  saved with the weights.
+* ``W`` is a plain nonnegative matrix, projected back onto the row-stochastic set after every
+  optimizer step (``W <- relu(W); W_i <- W_i / sum(W_i)``), as the reference code does; no softmax.
+  It starts one-hot: atom i = candidate ``perm[i]`` (a random permutation, cycled when
+  ``d_sae > n_candidates``).
+* ``Lambda`` starts at zero and is projected after every step:
+  ``Lambda_i <- Lambda_i * min(1, delta / ||Lambda_i||)``.
+* A learned scalar ``exp(log_scale)`` multiplies D (the reference code's ``multiplier``), which
+  puts atoms in the conic rather than the convex hull so codes need not compensate for short
+  atoms; it does not change any atom's direction.
+* ``delta`` is in the units of the activations (absolute), as in the reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from common.sae.base import SAE, LossOutput, SAEConfig, TrainContext, fvu, reconstruction_mse
+from common.sae.registry import register
+from common.sae.sparsity import topk_activation
+
+CANDIDATE_METHODS = ("kmeans", "sample")
+
+
+@dataclass
+class ArchetypalConfig(SAEConfig):
+    k: int = 32
+    n_candidates: int = 1024
+    delta: float = 0.0  # must be 0 for `archetypal`; the relaxation radius for `ra`
+    candidates: str = "kmeans"  # how C is drawn from the data: "kmeans" (paper) or "sample"
+    kmeans_iterations: int = 25
+    relaxed: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("k", "n_candidates", "kmeans_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"archetypal config: `{name}` must be a positive integer, got {value!r}")
+        if self.k > self.d_sae:
+            raise ValueError(f"archetypal config: `k` ({self.k}) must be <= `d_sae` ({self.d_sae})")
+        if self.candidates not in CANDIDATE_METHODS:
+            raise ValueError(
+                f"archetypal config: `candidates` must be one of {CANDIDATE_METHODS}, "
+                f"got {self.candidates!r}"
+            )
+        if self.relaxed and not self.delta > 0:
+            raise ValueError(
+                f"ra config: `delta` must be > 0 (it is the relaxation radius), got {self.delta}; "
+                "use architecture 'archetypal' for delta = 0"
+            )
+        if not self.relaxed and self.delta != 0:
+            raise ValueError(
+                f"archetypal config: `delta` must be 0 for 'archetypal', got {self.delta}; "
+                "use architecture 'ra' for the relaxed variant"
+            )
+
+
+@dataclass
+class RelaxedArchetypalConfig(ArchetypalConfig):
+    relaxed: ClassVar[bool] = True
+    delta: float = 1.0
+
+
+def kmeans(x: Tensor, n_clusters: int, iterations: int, generator: torch.Generator) -> Tensor:
+    """Lloyd's k-means: centroids mu_c minimising sum_n min_c ||x_n - mu_c||^2.
+
+    Starts from ``n_clusters`` distinct random points; an empty cluster is re-seeded with the
+    point currently farthest from its centroid.
+    """
+    if n_clusters > len(x):
+        raise ValueError(
+            f"n_candidates ({n_clusters}) exceeds the {len(x)} points of the init sample; lower "
+            "`n_candidates` or raise the trainer's `init_sample`"
+        )
+    centroids = x[torch.randperm(len(x), generator=generator)[:n_clusters]].clone()
+    for _ in range(iterations):
+        dist = torch.cdist(x, centroids)
+        assign = dist.argmin(1)
+        counts = torch.bincount(assign, minlength=n_clusters)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            far = dist.gather(1, assign[:, None]).squeeze(1).topk(int(empty.sum())).indices
+            centroids[empty] = x[far]
+    return centroids
+
+
+@register
+class ArchetypalSAE(SAE):
+    name = "archetypal"
+    config_class = ArchetypalConfig
+    cfg: ArchetypalConfig
+
+    def __init__(self, cfg: ArchetypalConfig) -> None:
+        super().__init__(cfg)
+        n, d_sae, d_in = cfg.n_candidates, cfg.d_sae, cfg.d_in
+        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae) / d_in**0.5)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        choice = torch.randperm(n).repeat(d_sae // n + 1)[:d_sae]
+        self.W = nn.Parameter(torch.zeros(d_sae, n).scatter(1, choice[:, None], 1.0))
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.register_buffer("C", torch.zeros(n, d_in))
+        if cfg.delta > 0:
+            self.Lambda = nn.Parameter(torch.zeros(d_sae, d_in))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """b_dec = mean; C = k-means centroids (or a random subset) of the centred sample.
+
+        The encoder starts as the (normalised) transpose of the initial dictionary.
+        """
+        self.b_dec.copy_(x.mean(0))
+        centred = x - self.b_dec
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        n = self.cfg.n_candidates
+        if self.cfg.candidates == "kmeans":
+            self.C.copy_(kmeans(centred, n, self.cfg.kmeans_iterations, g))
+        else:
+            if n > len(x):
+                raise ValueError(f"n_candidates ({n}) exceeds the {len(x)} points of the init sample")
+            self.C.copy_(centred[torch.randperm(len(x), generator=g)[:n]])
+        d = self.dictionary
+        self.W_enc.copy_((d / d.norm(dim=1, keepdim=True).clamp_min(1e-8)).t())
+
+    @property
+    def dictionary(self) -> Tensor:
+        """D = exp(log_scale) * (W C + Lambda), shape (d_sae, d_in)."""
+        d = self.W @ self.C
+        if self.cfg.delta > 0:
+            d = d + self.Lambda
+        return d * self.log_scale.exp()
+
+    @property
+    def decoder_directions(self) -> Tensor:
+        return self.dictionary
+
+    def encode(self, x: Tensor) -> Tensor:
+        return topk_activation((x - self.b_dec) @ self.W_enc + self.b_enc, self.cfg.k)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.dictionary + self.b_dec
+
+    def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        z = self.encode(x)
+        x_hat = self.decode(z)
+        mse = reconstruction_mse(x, x_hat)
+        terms = {"mse": mse.item(), "fvu": fvu(x, x_hat).item()}
+        return LossOutput(loss=mse, x_hat=x_hat, z=z, terms=terms)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Project back onto the constraint set: W row-stochastic, ||Lambda_i|| <= delta."""
+        w = self.W.data.clamp_(min=0)
+        row_sum = w.sum(1, keepdim=True)
+        # A row the step pushed entirely below zero restarts as the uniform mixture.
+        w.copy_(torch.where(row_sum > 0, w / row_sum.clamp_min(1e-12), 1.0 / w.shape[1]))
+        if self.cfg.delta > 0:
+            norms = self.Lambda.data.norm(dim=1, keepdim=True)
+            self.Lambda.data.mul_((self.cfg.delta / norms.clamp_min(1e-12)).clamp(max=1.0))
+
+
+@register
+class RelaxedArchetypalSAE(ArchetypalSAE):
+    """RA-SAE: D = W C + Lambda with ||Lambda_i|| <= delta (see the module docstring)."""
+
+    name = "ra"
+    config_class = RelaxedArchetypalConfig
+    cfg: RelaxedArchetypalConfig

@@ -1,0 +1,165 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; the Gemma Scope / SAEBench SAEs).
+
+Each latent has a learned threshold theta_i = exp(log_threshold_i) > 0 below which it is zero, and
+sparsity is trained on L0 directly rather than on an L1 proxy (so there is no shrinkage):
+
+    pre   = W_enc^T (x - b_dec) + b_enc
+    z     = JumpReLU_theta(pre) = pre * H(pre - theta)
+    x_hat = W_dec^T z + b_dec
+    L     = ||x - x_hat||^2 + lambda(t) * sum_i H(pre_i - theta_i)
+
+H has zero derivative almost everywhere, so theta is trained with straight-through estimators:
+pseudo-derivatives with a rectangle kernel K(u) = 1[-1/2 < u < 1/2] of bandwidth epsilon,
+
+    d/dtheta H(pre - theta)          := -(1/epsilon)    K((pre - theta) / epsilon)
+    d/dtheta JumpReLU_theta(pre)     := -(theta/epsilon) K((pre - theta) / epsilon)
+    d/dpre   JumpReLU_theta(pre)     := H(pre - theta),      d/dpre H(pre - theta) := 0
+
+(the paper's Eqs. 11-12; as in DeepMind's code, no STE gradient reaches ``pre``). The chain rule
+through exp gives log_threshold its gradient.
+
+Parameter names match SAELens's ``JumpReLUSAE`` (``W_enc`` ``(d_in, d_sae)``, ``b_enc``,
+``W_dec`` ``(d_sae, d_in)``, ``b_dec``) except the threshold: the paper trains ``log_threshold``;
+SAELens stores ``threshold`` (and converts ``log_threshold`` on load), so export writes
+``threshold = exp(log_threshold)`` (``self.threshold``) with ``apply_b_dec_to_input=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from common.sae.base import (
+    SAE,
+    LossOutput,
+    SAEConfig,
+    TrainContext,
+    fvu,
+    reconstruction_mse,
+    remove_parallel_grad_,
+    unit_norm_rows_,
+)
+from common.sae.registry import register
+from common.sae.relu import l1_schedule
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """K(u) = 1[-1/2 < u < 1/2], the kernel of the pseudo-derivatives."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class HeavisideSTE(torch.autograd.Function):
+    """Forward H(pre - theta); backward d/dtheta = -(1/eps) K((pre - theta)/eps), d/dpre = 0."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * rectangle((pre - threshold) / eps) * grad_out
+        return None, grad_threshold.sum_to_size(threshold.shape), None
+
+
+class JumpReLUSTE(torch.autograd.Function):
+    """Forward pre * H(pre - theta); backward d/dpre = H(pre - theta),
+    d/dtheta = -(theta/eps) K((pre - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre > threshold).to(pre.dtype) * grad_out
+        grad_threshold = -(threshold / eps) * rectangle((pre - threshold) / eps) * grad_out
+        return grad_pre, grad_threshold.sum_to_size(threshold.shape), None
+
+
+@dataclass
+class JumpReluConfig(SAEConfig):
+    l0_coefficient: float = 1e-3  # lambda, the paper's "sparsity_coefficient"
+    l0_warmup_steps: int = 0
+    bandwidth: float = 1e-3  # epsilon, in the units of the (normalised) activations
+    initial_threshold: float = 1e-3
+    unit_norm_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.l0_coefficient >= 0 and math.isfinite(self.l0_coefficient)):
+            raise ValueError(
+                f"`l0_coefficient` must be a finite number >= 0, got {self.l0_coefficient}"
+            )
+        if self.l0_warmup_steps < 0:
+            raise ValueError(f"`l0_warmup_steps` must be >= 0, got {self.l0_warmup_steps}")
+        for name in ("bandwidth", "initial_threshold"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value}")
+
+
+@register
+class JumpReluSAE(SAE):
+    name = "jumprelu"
+    config_class = JumpReluConfig
+    cfg: JumpReluConfig
+
+    def __init__(self, cfg: JumpReluConfig) -> None:
+        super().__init__(cfg)
+        w = torch.randn(cfg.d_sae, cfg.d_in)
+        unit_norm_rows_(w)
+        self.W_enc = nn.Parameter(w.t().clone())
+        self.W_dec = nn.Parameter(w.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.initial_threshold)))
+
+    @property
+    def threshold(self) -> Tensor:
+        """theta = exp(log_threshold), shape (d_sae,)."""
+        return self.log_threshold.exp()
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """z = JumpReLU_theta(pre), with the straight-through estimator in backward."""
+        return JumpReLUSTE.apply(self.pre_activations(x), self.threshold, self.cfg.bandwidth)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        ctx = ctx or TrainContext()
+        pre = self.pre_activations(x)
+        theta = self.threshold
+        z = JumpReLUSTE.apply(pre, theta, self.cfg.bandwidth)
+        x_hat = self.decode(z)
+        mse = reconstruction_mse(x, x_hat)
+        l0 = HeavisideSTE.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
+        lam = l1_schedule(self.cfg.l0_coefficient, self.cfg.l0_warmup_steps, ctx.step)
+        loss = mse + lam * l0
+        terms = {"mse": mse.item(), "l0": l0.item(), "l0_coefficient": lam, "fvu": fvu(x, x_hat).item()}
+        return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        if self.cfg.unit_norm_decoder:
+            remove_parallel_grad_(self.W_dec)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.cfg.unit_norm_decoder:
+            unit_norm_rows_(self.W_dec.data)

@@ -1,0 +1,176 @@
+"""Switch SAE: a router sends each token to one of several small TopK SAEs (Mudide et al., paper 9).
+
+    p(x)   = softmax(W_router^T (x - b_router))                      (n_experts probabilities)
+    e(x)   = argmax_i p_i(x)                                         (the one expert that runs)
+    a(x)   = TopK(W_enc[:, S_e]^T (x - b_dec))                       (S_e: the expert's latent slice)
+    x_hat  = p_e(x) * W_dec[S_e]^T a(x) + b_dec
+    L      = ||x - x_hat||^2 + alpha * d_in * N * sum_i f_i P_i
+
+``f_i`` is the fraction of the batch routed to expert i (no gradient) and ``P_i`` the mean router
+probability of expert i; N * sum_i f_i P_i is 1 when tokens are spread evenly and N when one expert
+takes everything (the Switch Transformer load-balancing loss). Scaling the reconstruction by
+``p_e(x)`` is what gives the router a gradient from the MSE. The extra factor ``d_in`` follows the
+authors' code (``lb_alpha * activation_dim * lb_loss``): our MSE is summed over the ``d_in``
+features, so ``alpha`` keeps the meaning of a per-feature weight.
+
+Each expert has ``d_sae / n_experts`` latents. Only the routed expert's encoder runs: tokens are
+gathered per expert and encoded with that expert's slice of ``W_enc`` (this is the paper's point:
+the dense encoder is the compute bottleneck). ``encode`` still returns the dense
+``(batch, d_sae)`` code ``p_e(x) * a(x)`` placed in the expert's slice (zeros elsewhere), so
+``decode(encode(x)) == forward(x)`` and every evaluation treats this SAE like any other.
+Decoder rows are unit norm (projected after each step; the gradient along each row is removed
+before it). The encoder starts as the decoder's transpose and ``b_router`` at the data mean, as in
+the authors' code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from common.sae.base import (
+    SAE,
+    LossOutput,
+    SAEConfig,
+    TrainContext,
+    fvu,
+    reconstruction_mse,
+    remove_parallel_grad_,
+    unit_norm_rows_,
+)
+from common.sae.registry import register
+
+
+@dataclass
+class SwitchConfig(SAEConfig):
+    n_experts: int = 8
+    k: int = 32
+    load_balance_coefficient: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("n_experts", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"switch config: `{name}` must be a positive integer, got {value!r}")
+        if self.d_sae % self.n_experts != 0:
+            raise ValueError(
+                f"switch config: `d_sae` ({self.d_sae}) must be divisible by `n_experts` "
+                f"({self.n_experts}); pick d_sae = n_experts * expert width"
+            )
+        if self.k > self.d_sae // self.n_experts:
+            raise ValueError(
+                f"switch config: `k` ({self.k}) exceeds the expert width d_sae / n_experts = "
+                f"{self.d_sae // self.n_experts}; lower k or use fewer experts"
+            )
+        if not self.load_balance_coefficient >= 0:
+            raise ValueError(
+                f"switch config: `load_balance_coefficient` must be >= 0, got "
+                f"{self.load_balance_coefficient}"
+            )
+
+
+@dataclass
+class Routed:
+    """One forward pass of the sparse computation: who went where, and the k active latents."""
+
+    probs: Tensor  # (batch, n_experts) router softmax
+    expert: Tensor  # (batch,) chosen expert
+    top_values: Tensor  # (batch, k) p_e(x) * TopK values, >= 0
+    top_indices: Tensor  # (batch, k) global latent indices (inside the expert's slice)
+
+
+@register
+class SwitchSAE(SAE):
+    name = "switch"
+    config_class = SwitchConfig
+    cfg: SwitchConfig
+
+    def __init__(self, cfg: SwitchConfig) -> None:
+        super().__init__(cfg)
+        self.expert_width = cfg.d_sae // cfg.n_experts
+        w = torch.randn(cfg.d_sae, cfg.d_in)
+        unit_norm_rows_(w)
+        self.W_enc = nn.Parameter(w.t().clone())  # (d_in, d_sae); expert i owns columns S_i
+        self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_in); expert i owns rows S_i
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_router = nn.Parameter(torch.randn(cfg.d_in, cfg.n_experts) / cfg.d_in**0.5)
+        self.b_router = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """b_dec = b_router = mean of the sample (the authors use the geometric median)."""
+        self.b_dec.copy_(x.mean(0))
+        self.b_router.copy_(x.mean(0))
+
+    def router_probs(self, x: Tensor) -> Tensor:
+        """p(x) = softmax(W_router^T (x - b_router)), shape (batch, n_experts)."""
+        return torch.softmax((x - self.b_router) @ self.W_router, dim=-1)
+
+    def route(self, x: Tensor) -> Routed:
+        """Route every token to its argmax expert and run only that expert's TopK encoder."""
+        probs = self.router_probs(x)
+        p_top, expert = probs.max(dim=-1)
+        centered = x - self.b_dec
+        k = self.cfg.k
+        top_values = x.new_zeros(x.shape[0], k)
+        top_indices = torch.zeros(x.shape[0], k, dtype=torch.long, device=x.device)
+        for i in range(self.cfg.n_experts):
+            rows = (expert == i).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            start = i * self.expert_width
+            pre = centered[rows] @ self.W_enc[:, start : start + self.expert_width]
+            values, local = torch.relu(pre).topk(k, dim=-1, sorted=False)
+            top_values = top_values.index_copy(0, rows, values * p_top[rows, None])
+            top_indices = top_indices.index_copy(0, rows, local + start)
+        return Routed(probs=probs, expert=expert, top_values=top_values, top_indices=top_indices)
+
+    def _dense(self, routed: Routed) -> Tensor:
+        z = routed.top_values.new_zeros(routed.top_values.shape[0], self.cfg.d_sae)
+        return z.scatter(-1, routed.top_indices, routed.top_values)
+
+    def _sparse_decode(self, routed: Routed) -> Tensor:
+        """x_hat = sum_j value_j * W_dec[index_j] + b_dec: k rows per token, not d_sae."""
+        rows = self.W_dec[routed.top_indices]  # (batch, k, d_in)
+        return torch.einsum("bk,bkd->bd", routed.top_values, rows) + self.b_dec
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._dense(self.route(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._sparse_decode(self.route(x))
+
+    def load_balance_loss(self, routed: Routed) -> Tensor:
+        """N * sum_i f_i P_i (Fedus et al.'s Switch Transformer loss; 1 when perfectly balanced)."""
+        n = self.cfg.n_experts
+        fraction = torch.bincount(routed.expert, minlength=n).float() / routed.expert.numel()
+        return n * (fraction * routed.probs.mean(0)).sum()
+
+    def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        routed = self.route(x)
+        x_hat = self._sparse_decode(routed)
+        mse = reconstruction_mse(x, x_hat)
+        balance = self.load_balance_loss(routed)
+        loss = mse + self.cfg.load_balance_coefficient * self.cfg.d_in * balance
+        share = torch.bincount(routed.expert, minlength=self.cfg.n_experts).float() / x.shape[0]
+        terms = {
+            "mse": mse.item(),
+            "load_balance": balance.item(),
+            "max_expert_share": share.max().item(),
+            "fvu": fvu(x, x_hat).item(),
+        }
+        return LossOutput(loss=loss, x_hat=x_hat, z=self._dense(routed), terms=terms)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        remove_parallel_grad_(self.W_dec)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        unit_norm_rows_(self.W_dec.data)
