@@ -45,7 +45,7 @@ def load_activation_file(path: str | Path, key: str | None = None) -> Tensor:
         raise FileNotFoundError(f"activation file {path} does not exist")
     if path.suffix == ".npy":
         array = np.load(path, allow_pickle=False, mmap_mode="r")
-        x = torch.from_numpy(np.ascontiguousarray(array))
+        x = torch.from_numpy(np.array(array))  # a writable copy of the memory map
     elif path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

@@ -54,6 +54,7 @@ class ArchetypalConfig(SAEConfig):
     delta: float = 0.0  # must be 0 for `archetypal`; the relaxation radius for `ra`
     candidates: str = "kmeans"  # how C is drawn from the data: "kmeans" (paper) or "sample"
     kmeans_iterations: int = 25
+    centre: bool = False  # True: C from x - mean and b_dec starts at the mean
     relaxed: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -133,11 +134,12 @@ class ArchetypalSAE(SAE):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """b_dec = mean; C = k-means centroids (or a random subset) of the centred sample.
+        """C = k-means centroids (or a random subset) of the sample (of ``x - mean`` if centred).
 
         The encoder starts as the (normalised) transpose of the initial dictionary.
         """
-        self.b_dec.copy_(x.mean(0))
+        if self.cfg.centre:
+            self.b_dec.copy_(x.mean(0))
         centred = x - self.b_dec
         g = torch.Generator().manual_seed(self.cfg.seed)
         n = self.cfg.n_candidates

@@ -151,7 +151,12 @@ class JumpReluSAE(SAE):
         l0 = HeavisideSTE.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
         lam = l1_schedule(self.cfg.l0_coefficient, self.cfg.l0_warmup_steps, ctx.step)
         loss = mse + lam * l0
-        terms = {"mse": mse.item(), "l0": l0.item(), "l0_coefficient": lam, "fvu": fvu(x, x_hat).item()}
+        terms = {
+            "mse": mse.item(),
+            "l0": l0.item(),
+            "l0_coefficient": lam,
+            "fvu": fvu(x, x_hat).item(),
+        }
         return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
 
     @torch.no_grad()

@@ -1,0 +1,202 @@
+"""Sparse kernels for k-sparse codes: what makes TopK-style SAEs cheap to train on a CPU.
+
+A TopK SAE (Gao et al. 2024, paper 7) keeps k of its M latents per token. With a batch of N tokens
+of width d, only E = N k entries of the code are nonzero, so only the encoder's forward matmul has
+to be dense; everything downstream of the selection can cost E d instead of N M d
+(Gao et al., App. D; eai-sparsify does the same on GPU):
+
+    step                         dense       here
+    pre-activations  x W_enc       N M d       N M d   (cannot be avoided: TopK needs all of them)
+    decode           z W_dec       N M d       E d     ``sparse_decode``
+    decoder backward               2 N M d     2 E d
+    encoder backward x^T G, G W^T  2 N M d     E d     ``selected_preacts`` (+ d M for the biases)
+
+A code is stored as flat entries ``(rows, cols, vals)``, ``rows`` sorted ascending: entry e says
+that latent ``cols[e]`` has value ``vals[e]`` on token ``rows[e]``. A per-token TopK code has
+``rows = [0]*k + [1]*k + ...``; a BatchTopK code has a variable number of entries per row.
+
+Both backward passes need sums "grouped by latent" (dW[c] = sum over entries with cols = c); they
+are computed with ``F.embedding_bag`` over the entries sorted by latent, which never materialises
+an E x d tensor. ``topk_preacts`` computes the dense pre-activations in row chunks that stay in
+cache and keeps only the selected entries, so the N x M matrix is never held whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Work in blocks of about this many bytes, so that intermediates stay in the last-level cache.
+_BLOCK_BYTES = 8 * 2**20
+
+
+def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """Start of each row's entries in ``rows`` (sorted ascending): CSR row pointers, shape (n_rows,)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return counts.cumsum(0) - counts
+
+
+def sum_by_col(rows_of: Tensor, rows: Tensor, cols: Tensor, coef: Tensor, n_cols: int) -> Tensor:
+    """out[c] = sum_{e : cols_e = c} coef_e * rows_of[rows_e], shape (n_cols, d).
+
+    This is ``G^T A`` for the sparse matrix ``G`` (entries ``coef`` at ``(rows, cols)``) and a dense
+    ``A = rows_of``: one embedding-bag per latent over the entries sorted by latent.
+    """
+    order = torch.argsort(cols)
+    return F.embedding_bag(
+        rows[order],
+        rows_of,
+        row_offsets(cols[order], n_cols),
+        per_sample_weights=coef[order].to(rows_of.dtype),
+        mode="sum",
+    )
+
+
+def gather_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """out_e = <a[rows_e], b[cols_e]>, shape (E,), in blocks that never hold an E x d tensor."""
+    n = rows.numel()
+    out = a.new_empty(n)
+    block = max(64, _BLOCK_BYTES // (8 * max(1, a.shape[1]) * a.element_size()))
+    for start in range(0, n, block):
+        sl = slice(start, start + block)
+        out[sl] = torch.linalg.vecdot(a.index_select(0, rows[sl]), b.index_select(0, cols[sl]))
+    return out
+
+
+class SparseDecode(torch.autograd.Function):
+    """x_hat_n = sum_{e : rows_e = n} vals_e W_dec[cols_e]  (= z W_dec for the sparse code z).
+
+    Backward, with g = dL/dx_hat (N x d):
+        dL/dvals_e = <g[rows_e], W_dec[cols_e]>                       (E d)
+        dL/dW_dec[c] = sum_{e : cols_e = c} vals_e g[rows_e]           (E d)
+    """
+
+    @staticmethod
+    def forward(
+        ctx, vals: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_rows: int
+    ) -> Tensor:  # type: ignore[override]
+        offsets = row_offsets(rows, n_rows)
+        ctx.save_for_backward(vals, rows, cols, W_dec)
+        return F.embedding_bag(cols, W_dec, offsets, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        vals, rows, cols, W_dec = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_vals = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = gather_dot(grad_out, W_dec, rows, cols)
+        if ctx.needs_input_grad[3]:
+            grad_w = sum_by_col(grad_out, rows, cols, vals, W_dec.shape[0])
+        return grad_vals, None, None, grad_w, None
+
+
+class SelectedPreacts(torch.autograd.Function):
+    """vals_e = pre[rows_e, cols_e] with pre = (x - b_dec) W_enc + b_enc, for selected entries only.
+
+    The forward pass is given the values (the caller already computed the dense ``pre`` to select
+    them, without gradient) or, with ``vals=None``, computes them as E dot products. The backward
+    pass is that of the dense pre-activation restricted to the selected entries: with G the sparse
+    N x M matrix holding dL/dvals at (rows, cols),
+        dL/dW_enc = (x - b_dec)^T G            (E d, grouped by latent)
+        dL/db_enc = 1^T G,   dL/db_dec = -W_enc (1^T G)^T,   dL/dx = G W_enc^T
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        vals: Tensor | None,
+    ) -> Tensor:
+        x_c = x - b_dec
+        if vals is None:
+            vals = gather_dot(x_c, W_enc.t(), rows, cols) + b_enc[cols]
+        else:
+            vals = vals.clone()
+        ctx.save_for_backward(x_c, W_enc, rows, cols)
+        return vals
+
+    @staticmethod
+    def backward(ctx, grad_vals: Tensor):  # type: ignore[override]
+        x_c, W_enc, rows, cols = ctx.saved_tensors
+        need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b_enc = grad_b_dec = None
+        if need_w:
+            # (M, d) rows grouped by latent, returned as the (d, M) view that matches W_enc.
+            grad_w = sum_by_col(x_c, rows, cols, grad_vals, W_enc.shape[1]).t()
+        if need_b_enc or need_b_dec:
+            col_sums = grad_vals.new_zeros(W_enc.shape[1]).index_add_(0, cols, grad_vals)
+            grad_b_enc = col_sums if need_b_enc else None
+            grad_b_dec = -(W_enc @ col_sums) if need_b_dec else None
+        if need_x:
+            offsets = row_offsets(rows, x_c.shape[0])
+            grad_x = F.embedding_bag(
+                cols, W_enc.t().contiguous(), offsets, per_sample_weights=grad_vals, mode="sum"
+            )
+        return grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
+
+
+def sparse_decode(vals: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+    """``z @ W_dec`` for the sparse code z given as entries; see ``SparseDecode``."""
+    return SparseDecode.apply(vals, rows, cols, W_dec, n_rows)
+
+
+def selected_preacts(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    vals: Tensor | None = None,
+) -> Tensor:
+    """Selected pre-activations with a sparse backward; see ``SelectedPreacts``.
+
+    ``vals``, if given, must equal ``((x - b_dec) @ W_enc + b_enc)[rows, cols]`` (computed without
+    gradient); passing it saves the E d products of recomputing it.
+    """
+    return SelectedPreacts.apply(x, W_enc, b_enc, b_dec, rows, cols, vals)
+
+
+@torch.no_grad()
+def topk_preacts(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    aux_latents: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per token, the k largest pre-activations pre = (x - b_dec) W_enc + b_enc (Gao et al.).
+
+    Returns ``(vals, idx)`` of shape (N, k), and, if ``aux_latents`` (indices of dead latents) and
+    ``k_aux > 0`` are given, ``(aux_vals, aux_idx)`` of shape (N, min(k_aux, #dead)): the largest
+    pre-activations among those latents (for the AuxK loss). Values are not ReLU'd.
+
+    The dense pre-activations are computed a block of rows at a time into one reused buffer, so
+    the TopK reads them from cache and the N x M matrix is never allocated.
+    """
+    x_c = x - b_dec
+    n, m = x_c.shape[0], W_enc.shape[1]
+    rows_per_block = max(16, _BLOCK_BYTES // (m * x_c.element_size()))
+    buf = x_c.new_empty(min(n, rows_per_block), m)
+    vals, idx = x_c.new_empty(n, k), torch.empty(n, k, dtype=torch.long)
+    aux_vals = aux_idx = None
+    if aux_latents is not None and aux_latents.numel() > 0 and k_aux > 0:
+        k_aux = min(k_aux, aux_latents.numel())
+        aux_vals, aux_idx = x_c.new_empty(n, k_aux), torch.empty(n, k_aux, dtype=torch.long)
+    for start in range(0, n, rows_per_block):
+        sl = slice(start, start + rows_per_block)
+        pre = torch.addmm(b_enc, x_c[sl], W_enc, out=buf[: x_c[sl].shape[0]])
+        torch.topk(pre, k, dim=1, sorted=False, out=(vals[sl], idx[sl]))
+        if aux_vals is not None and aux_idx is not None and aux_latents is not None:
+            v, j = pre.index_select(1, aux_latents).topk(k_aux, dim=1, sorted=False)
+            aux_vals[sl], aux_idx[sl] = v, aux_latents[j]
+    return vals, idx, aux_vals, aux_idx

@@ -1,0 +1,224 @@
+"""The sharded activation store: round trips, resume, corruption checks, the streaming loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.activations.store import (
+    ActivationStore,
+    ActivationStoreWriter,
+    CorruptStoreError,
+    StoreBatches,
+)
+
+META = {"model": "toy", "revision": "r0", "site": "resid_post.3", "dataset": "random"}
+
+
+def _data(n: int = 1000, d: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _write(root: Path, x: torch.Tensor, *, dtype: str = "float32", shard_tokens: int = 128,
+           pieces: int = 7) -> ActivationStore:
+    with ActivationStoreWriter(root, d=x.shape[1], dtype=dtype, shard_tokens=shard_tokens,
+                               metadata=META) as w:
+        for part in torch.tensor_split(x, pieces):  # uneven appends that straddle shards
+            w.append(part)
+    return ActivationStore(root)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)],
+)
+def test_round_trip(tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+    x = _data()
+    store = _write(tmp_path, x, dtype=dtype)
+    out = store.tensor()
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.equal(out, x.to(torch_dtype).float())  # exactly the storage-dtype rounding
+    assert torch.equal(store.read_rows(100, 300), out[100:300])
+    idx = np.array([999, 0, 128, 5, 5, 640])
+    assert torch.equal(store.gather(idx), out[torch.from_numpy(idx)])
+    assert torch.equal(store.tensor(max_tokens=50), out[:50])
+    assert store.d_in == 8 and store.n_tokens == len(store) == 1000
+
+
+def test_manifest_contents(tmp_path: Path) -> None:
+    _write(tmp_path, _data(), dtype="float16")
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["metadata"] == META and m["dtype"] == "float16" and m["d"] == 8
+    assert m["complete"] is True and m["n_tokens"] == 1000 and m["shard_tokens"] == 128
+    assert [s["n_tokens"] for s in m["shards"]] == [128] * 7 + [104]
+    assert sorted(p.name for p in tmp_path.glob("shard_*")) == [s["file"] for s in m["shards"]]
+    assert len(m["shards"][0]["sha256"]) == 64
+    assert (tmp_path / m["shards"][0]["file"]).stat().st_size == 128 * 8 * 2
+    assert ActivationStore(tmp_path).metadata == META
+
+
+def test_interrupted_writer_resumes_to_same_content(tmp_path: Path) -> None:
+    x = _data()
+    reference = _write(tmp_path / "ref", x).tensor()
+    # first attempt dies after 450 rows: only the 3 full shards (384 rows) survive
+    w = ActivationStoreWriter(tmp_path / "run", d=8, shard_tokens=128, metadata=META)
+    w.append(x[:300])
+    w.append(x[300:450])
+    del w
+    with pytest.raises(ValueError, match="did not finish"):
+        ActivationStore(tmp_path / "run")
+    (tmp_path / "run" / "shard_00003.bin.tmp").write_bytes(b"half-written")  # crash mid-shard
+    w = ActivationStoreWriter(tmp_path / "run", d=8, shard_tokens=128, metadata=META)
+    assert w.tokens_written == 384
+    assert not (tmp_path / "run" / "shard_00003.bin.tmp").exists()
+    w.append(x[w.tokens_written :])
+    w.close()
+    assert torch.equal(ActivationStore(tmp_path / "run").tensor(), reference)
+    # re-opening a finished store is a no-op that refuses more rows
+    again = ActivationStoreWriter(tmp_path / "run", d=8, shard_tokens=128, metadata=META)
+    assert again.complete and again.tokens_written == 1000
+    with pytest.raises(RuntimeError, match="complete"):
+        again.append(x[:1])
+
+
+def test_resume_drops_a_corrupt_shard_and_everything_after(tmp_path: Path) -> None:
+    x = _data()
+    w = ActivationStoreWriter(tmp_path, d=8, shard_tokens=128, metadata=META)
+    w.append(x[:600])  # 4 full shards
+    path = tmp_path / "shard_00001.bin"
+    raw = bytearray(path.read_bytes())
+    raw[17] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    w = ActivationStoreWriter(tmp_path, d=8, shard_tokens=128, metadata=META)
+    assert w.tokens_written == 128
+    assert not (tmp_path / "shard_00002.bin").exists()
+
+
+def test_metadata_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    w = ActivationStoreWriter(tmp_path, d=8, shard_tokens=128, metadata=META)
+    w.append(_data(200))
+    with pytest.raises(ValueError, match=r"metadata\.site.*Delete the folder"):
+        ActivationStoreWriter(tmp_path, d=8, shard_tokens=128, metadata={**META, "site": "mlp_out.3"})
+    with pytest.raises(ValueError, match=r"dtype: on disk 'float32', requested 'float16'"):
+        ActivationStoreWriter(tmp_path, d=8, dtype="float16", shard_tokens=128, metadata=META)
+
+
+def test_bad_appends(tmp_path: Path) -> None:
+    w = ActivationStoreWriter(tmp_path, d=8, dtype="float16", metadata=META)
+    with pytest.raises(ValueError, match=r"\(n_tokens, 8\)"):
+        w.append(torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="overflows"):
+        w.append(torch.full((2, 8), 1e6))
+    with pytest.raises(ValueError, match="unsupported store dtype"):
+        ActivationStoreWriter(tmp_path / "b", d=8, dtype="int8", metadata=META)
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not an activation store.*run extraction first"):
+        ActivationStore(tmp_path)
+
+
+def test_corrupt_byte_found_by_verify(tmp_path: Path) -> None:
+    store = _write(tmp_path, _data())
+    store.verify()  # a clean store passes
+    path = tmp_path / "shard_00005.bin"
+    raw = bytearray(path.read_bytes())
+    raw[1000] ^= 0x01
+    path.write_bytes(bytes(raw))
+    store = ActivationStore(tmp_path)  # same size: the cheap check at open passes
+    with pytest.raises(CorruptStoreError, match=r"shard_00005\.bin fails its sha256.*Re-run"):
+        store.verify()
+
+
+def test_truncated_shard_fails_at_open(tmp_path: Path) -> None:
+    _write(tmp_path, _data())
+    path = tmp_path / "shard_00002.bin"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(CorruptStoreError, match=r"shard_00002\.bin is truncated"):
+        ActivationStore(tmp_path)
+    path.unlink()
+    with pytest.raises(CorruptStoreError, match=r"shard_00002\.bin is missing"):
+        ActivationStore(tmp_path)
+
+
+# --- loader ----------------------------------------------------------------------------------------
+def _loader(store: ActivationStore, batch_size: int = 50, seed: int = 0) -> StoreBatches:
+    return store.batches(batch_size, seed=seed, chunk_tokens=32, buffer_tokens=200)
+
+
+def test_loader_is_deterministic_and_resumes(tmp_path: Path) -> None:
+    store = _write(tmp_path, _data(), dtype="bfloat16")
+    a = _loader(store)
+    run = [b for _, b in zip(range(45), a.iterate(0), strict=False)]  # crosses 2 epochs
+    assert all(b.shape == (50, 8) and b.dtype == torch.float32 for b in run)
+    b = _loader(store)
+    resumed = [x for _, x in zip(range(15), b.iterate(30), strict=False)]
+    assert all(torch.equal(x, y) for x, y in zip(resumed, run[30:], strict=True))
+    assert b.windows_loaded <= 5  # resuming read only the windows it needed, not the epoch so far
+    assert torch.equal(_loader(store).batch(17), run[17])
+    other = _loader(store, seed=1).batch(0)
+    assert not torch.equal(other, run[0])
+    assert not torch.equal(run[0], run[20])  # epoch 1 is a fresh shuffle of epoch 0
+
+
+def _row_ids(x: torch.Tensor, reference: torch.Tensor) -> list[int]:
+    key = {tuple(r.tolist()): i for i, r in enumerate(reference)}
+    return [key[tuple(r.tolist())] for r in x]
+
+
+def test_loader_covers_every_token_once_per_epoch(tmp_path: Path) -> None:
+    x = _data(1000)
+    store = _write(tmp_path, x)
+    loader = _loader(store, batch_size=40)  # 40 divides 1000
+    ids = [i for b in loader.iterate(0) for i in _row_ids(b, x)][: 2 * 1000]
+    assert sorted(ids[:1000]) == list(range(1000))
+    assert sorted(ids[1000:]) == list(range(1000))
+    assert ids[:1000] != ids[1000:]
+    # the shuffle mixes shards: the first batch holds rows from several shards
+    assert len({i // 128 for i in ids[:40]}) >= 3
+
+
+def test_loader_memory_is_bounded_by_the_window(tmp_path: Path) -> None:
+    store = _write(tmp_path, _data(1000))
+    loader = store.batches(64, seed=0, chunk_tokens=32, buffer_tokens=100)
+    reads: list[int] = []
+    original = loader._load_window
+
+    def spy(epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        buffer, perm = original(epoch, w)
+        reads.append(buffer.nbytes)
+        return buffer, perm
+
+    loader._load_window = spy  # type: ignore[method-assign]
+    for _, _b in zip(range(40), loader.iterate(0), strict=False):
+        pass
+    assert loader.buffer_tokens == 96  # 3 chunks of 32
+    assert loader.peak_buffer_rows <= 96 < store.n_tokens
+    assert max(reads) <= 96 * 8 * 4
+    assert loader.windows_loaded >= 1000 * 2 // 96  # it streamed through 2.5 epochs of windows
+
+
+def test_loader_sample_and_buffer_from_bytes(tmp_path: Path) -> None:
+    x = _data(1000)
+    store = _write(tmp_path, x, dtype="float16")
+    loader = store.batches(32, seed=3, chunk_tokens=16, buffer_bytes=100 * 8 * 2)
+    assert loader.buffer_tokens == 96  # 100 rows fit, rounded down to whole chunks
+    s1, s2 = loader.sample(300), store.batches(32, seed=3).sample(300)
+    assert torch.equal(s1, s2) and s1.shape == (300, 8)
+    assert len(set(_row_ids(s1, x.half().float()))) == 300  # distinct rows
+    assert store.batches(32).sample(5000).shape == (1000, 8)
+    with pytest.raises(ValueError, match="batch_size"):
+        store.batches(0)
+
+
+def test_train_cli_on_a_store(tmp_path: Path) -> None:
+    from common.train import main
+
+    _write(tmp_path / "store", _data(512, d=8), dtype="float16")
+    main(["--data", str(tmp_path / "store"), "--arch", "relu", "--set", "d_sae=16", "--steps", "6",
+          "--batch-size", "64", "--out", str(tmp_path / "run"), "--quiet"])
+    assert (tmp_path / "run" / "sae").is_dir()

@@ -1,0 +1,162 @@
+"""The one trainer: determinism, resume, divergence, bad input, the command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common.activations.files import check_activations, load_activation_file
+from common.sae import SAE, LossOutput, register
+from common.sae.relu import ReluConfig, ReluSAE
+from common.toy import superposition
+from common.train import TensorBatches, TrainConfig, TrainingDiverged, lr_factor, main, train
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return superposition(n_samples=4000, n_features=32, d=16, p_active=0.05, seed=3)
+
+
+def _cfg(**kw):
+    base = dict(architecture="relu", sae={"d_sae": 64, "l1_coefficient": 1e-2}, steps=40, batch_size=128,
+                lr=3e-3, checkpoint_every=10, log_every=10)
+    return TrainConfig(**{**base, **kw})
+
+
+def _state(sae):
+    return {k: v.clone() for k, v in sae.state_dict().items()}
+
+
+def test_same_seed_same_weights_and_different_seed_differs(toy, tmp_path):
+    a = train(_cfg(), TensorBatches(toy.x, 128, seed=0), tmp_path / "a", progress=False)
+    b = train(_cfg(), TensorBatches(toy.x, 128, seed=0), tmp_path / "b", progress=False)
+    c = train(_cfg(seed=1), TensorBatches(toy.x, 128, seed=1), tmp_path / "c", progress=False)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_resume_after_interruption_gives_the_same_final_weights(toy, tmp_path):
+    full = train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "full", progress=False)
+    train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "cut", progress=False, stop_after=17)
+    ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert ckpt["step"] == 17 and not (tmp_path / "cut" / "sae").exists()
+    resumed = train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "cut", progress=False)
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert (tmp_path / "cut" / "sae" / "sae.safetensors").exists()
+
+
+def test_incompatible_checkpoint_on_resume_is_a_clear_error(toy, tmp_path):
+    train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "run", progress=False, stop_after=10)
+    other = _cfg(sae={"d_sae": 32, "l1_coefficient": 1e-2})
+    with pytest.raises(ValueError, match="Checkpoint .* was written for relu.*Delete"):
+        train(other, TensorBatches(toy.x, 128), tmp_path / "run", progress=False)
+
+
+@register
+class _ExplodingSAE(ReluSAE):
+    """A ReLU SAE whose loss becomes NaN at step 25, to test divergence handling."""
+
+    name = "test_exploding"
+    config_class = ReluConfig
+
+    def loss(self, x, ctx=None) -> LossOutput:
+        out = super().loss(x, ctx)
+        if ctx is not None and ctx.step >= 25:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(toy, tmp_path):
+    cfg = _cfg(architecture="test_exploding")
+    with pytest.raises(TrainingDiverged, match="step 25.*last good checkpoint"):
+        train(cfg, TensorBatches(toy.x, 128), tmp_path, progress=False)
+    ckpt = SAE.load(tmp_path / "checkpoint")
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 20
+    assert all(torch.isfinite(p).all() for p in ckpt.parameters())
+
+
+def test_training_reduces_fvu_and_logs_with_dvclive(toy, tmp_path):
+    sae = train(_cfg(steps=200), TensorBatches(toy.x, 128), tmp_path, live_dir=tmp_path / "live", progress=False)
+    with torch.no_grad():
+        fvu = ((toy.x - sae(toy.x)).pow(2).sum() / (toy.x - toy.x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.2
+    logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "fvu.tsv").read_text().splitlines()
+    assert len(logged) > 5
+
+
+def test_lr_schedule_warmup_and_decay():
+    cfg = TrainConfig(architecture="relu", steps=100, lr_warmup_steps=10, lr_decay_fraction=0.2)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(50, cfg) == 1.0
+    assert lr_factor(90, cfg) == pytest.approx(0.5)
+
+
+def test_tensor_batches_cover_each_vector_once_per_epoch():
+    x = torch.arange(12.0).unsqueeze(1)
+    batches = TensorBatches(x, batch_size=4, seed=0)
+    epoch = torch.cat([batches.batch(s) for s in range(3)]).flatten()
+    assert sorted(epoch.tolist()) == list(range(12))
+    assert torch.equal(batches.batch(5), TensorBatches(x, 4, seed=0).batch(5))
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_bad_train_config(steps):
+    with pytest.raises(ValueError, match="`steps` must be a positive integer"):
+        TrainConfig(architecture="relu", steps=steps)
+
+
+def test_unknown_architecture_lists_valid_ones(toy, tmp_path):
+    with pytest.raises(ValueError, match="Unknown SAE architecture 'nope'. Valid architectures: .*relu"):
+        train(TrainConfig(architecture="nope", steps=1), TensorBatches(toy.x, 16), tmp_path, progress=False)
+
+
+def test_unknown_hyperparameter(toy, tmp_path):
+    cfg = TrainConfig(architecture="relu", sae={"d_sae": 8, "l1": 1.0}, steps=1)
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['l1'\] for architecture 'relu'"):
+        train(cfg, TensorBatches(toy.x, 16), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (torch.zeros(10), ValueError, "expected a 2-D"),
+        (torch.zeros(10, 4, dtype=torch.int64), TypeError, "floating dtype"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, "NaN/Inf values in 1 rows"),
+        (torch.tensor([[1.0, 2.0], [float("inf"), 1.0]]), ValueError, "first bad row 1"),
+    ],
+)
+def test_bad_activations(x, error, message):
+    with pytest.raises(error, match=message):
+        check_activations(x)
+
+
+def test_activation_files_npy_and_safetensors(tmp_path):
+    x = torch.randn(20, 3)
+    np.save(tmp_path / "a.npy", x.numpy())
+    save_file({"acts": x, "other": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    assert torch.equal(load_activation_file(tmp_path / "a.npy"), x)
+    assert torch.equal(load_activation_file(tmp_path / "a.safetensors", key="acts"), x)
+    with pytest.raises(KeyError, match="no tensor 'activations'.*acts"):
+        load_activation_file(tmp_path / "a.safetensors")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):  # never unpickle
+        load_activation_file(tmp_path / "obj.npy")
+
+
+def test_command_line_trains_from_a_plain_file(toy, tmp_path, capsys):
+    np.save(tmp_path / "acts.npy", toy.x.numpy())
+    main(["--data", str(tmp_path / "acts.npy"), "--arch", "relu", "--out", str(tmp_path / "run"),
+          "--steps", "20", "--batch-size", "64", "--d_sae", "32", "--l1_coefficient", "0.01", "--quiet"])
+    sae = SAE.load(tmp_path / "run" / "sae")
+    assert sae.cfg.d_sae == 32 and sae.cfg.l1_coefficient == 0.01 and sae.cfg.d_in == toy.x.shape[1]
+    with pytest.raises(SystemExit, match="Unknown hyperparameter"):
+        main(["--data", str(tmp_path / "acts.npy"), "--arch", "relu", "--out", str(tmp_path / "r2"),
+              "--steps", "2", "--d_sae", "8", "--bogus", "1", "--quiet"])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No SAE checkpoint .*missing config.json"):
+        SAE.load(tmp_path)
