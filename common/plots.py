@@ -30,7 +30,13 @@ def savefig(fig: Figure, path: str | Path) -> Path:
 
 
 def frontier_plot(
-    df: pd.DataFrame, x: str = "l0", y: str = "fvu", hue: str = "run", *, title: str = "", logy: bool = True
+    df: pd.DataFrame,
+    x: str = "l0",
+    y: str = "fvu",
+    hue: str = "run",
+    *,
+    title: str = "",
+    logy: bool = True,
 ) -> Figure:
     """Sparsity-fidelity frontier: one point (or line, if several per run) per SAE."""
     apply_style()

@@ -5,7 +5,7 @@ rows (``n_features x d``) and ``codes`` are sparse and nonnegative (``n_samples 
 The constructions follow the toy models used in the literature:
 
 * ``superposition``: independent features, each active with probability ``p_active`` and magnitude
-  Uniform(0, 2]... the sparse-superposition setting of Elhage et al. (2022) and Sharkey et al. (2022).
+  Uniform[0.5, 2): the sparse superposition of Elhage et al. (2022) and Sharkey et al. (2022).
 * ``hierarchical``: parent/child features, a child only fires with its parent (the absorption setup
   of Chanin et al., 2025, paper 45; used by Matryoshka SAEs, paper 22).
 * ``correlated``: features fire in correlated groups, with an exactly known expected L0.
@@ -94,7 +94,10 @@ def correlated(
     p_member: float = 0.5,
     seed: int = 0,
 ) -> ToyData:
-    """Features in groups that switch on together; expected L0 = n_groups * p_group * group_size * p_member."""
+    """Features in correlated groups that switch on together.
+
+    Expected L0 = n_groups * p_group * group_size * p_member, known exactly.
+    """
     g = torch.Generator().manual_seed(seed)
     n_features = n_groups * group_size
     features = random_features(n_features, d, g)
@@ -106,7 +109,11 @@ def correlated(
 
 
 def known_magnitudes(
-    n_samples: int = 20_000, n_features: int = 64, d: int = 32, p_active: float = 0.05, seed: int = 0
+    n_samples: int = 20_000,
+    n_features: int = 64,
+    d: int = 32,
+    p_active: float = 0.05,
+    seed: int = 0,
 ) -> ToyData:
     """Independent features that fire with magnitude exactly 1: any shrinkage is the SAE's."""
     g = torch.Generator().manual_seed(seed)
@@ -124,7 +131,7 @@ GENERATORS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write a toy data set as safetensors: ``x`` (train), ``x_eval`` (held out), ``features``, ``codes``."""
+    """Write a toy data set as safetensors: ``x``, ``x_eval`` (held out), ``features``, codes."""
     import argparse
     import inspect
     from pathlib import Path
@@ -162,8 +169,15 @@ def main(argv: list[str] | None = None) -> None:
         tensors["parents"] = data.parents.contiguous()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"generator": args.generator, **{k: str(v) for k, v in kwargs.items()}})
-    print(f"wrote {out}: {len(tensors['x'])} train / {n_eval} eval vectors, true L0 {data.true_l0:.2f}")
+    save_file(
+        tensors,
+        str(out),
+        metadata={"generator": args.generator, **{k: str(v) for k, v in kwargs.items()}},
+    )
+    print(
+        f"wrote {out}: {len(tensors['x'])} train / {n_eval} eval vectors, "
+        f"true L0 {data.true_l0:.2f}"
+    )
 
 
 if __name__ == "__main__":

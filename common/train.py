@@ -68,7 +68,11 @@ class TensorBatches:
 
     def _perm(self, epoch: int) -> Tensor:
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed + epoch))}
+            self._perm_cache = {
+                epoch: torch.randperm(
+                    len(self.x), generator=torch.Generator().manual_seed(self.seed + epoch)
+                )
+            }
         return self._perm_cache[epoch]
 
     def batch(self, step: int) -> Tensor:
@@ -95,7 +99,9 @@ class TensorBatches:
 @dataclass
 class TrainConfig:
     architecture: str
-    sae: dict[str, Any] = field(default_factory=dict)  # architecture hyperparameters (d_in filled in)
+    sae: dict[str, Any] = field(
+        default_factory=dict
+    )  # architecture hyperparameters (d_in filled in)
     steps: int = 1000
     batch_size: int = 4096
     lr: float = 1e-3
@@ -114,16 +120,20 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"train config: `{name}` must be a positive integer, got {value!r}")
+                raise ValueError(
+                    f"train config: `{name}` must be a positive integer, got {value!r}"
+                )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"train config: `lr` must be a positive number, got {self.lr!r}")
         if not 0.0 <= self.lr_decay_fraction <= 1.0:
-            raise ValueError(f"train config: `lr_decay_fraction` must be in [0, 1], got {self.lr_decay_fraction}")
+            raise ValueError(
+                f"train config: `lr_decay_fraction` must be in [0, 1], got {self.lr_decay_fraction}"
+            )
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``lr_warmup_steps``, flat, then linear decay to 0 over the last fraction."""
+    """Linear warm-up over ``lr_warmup_steps``, flat, then linear decay to 0 at the end."""
     factor = 1.0
     if cfg.lr_warmup_steps > 0:
         factor = min(factor, (step + 1) / cfg.lr_warmup_steps)
@@ -144,12 +154,16 @@ def _optimizer_tensors(sae: SAE, opt: torch.optim.Adam) -> dict[str, Tensor]:
 
 def _load_optimizer_tensors(sae: SAE, opt: torch.optim.Adam, tensors: dict[str, Tensor]) -> None:
     for name, p in sae.named_parameters():
-        state = {key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name}
+        state = {
+            key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name
+        }
         if state:
             opt.state[p] = state
 
 
-def save_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Adam, step: int, tokens_since_fired: Tensor) -> None:
+def save_checkpoint(
+    out_dir: Path, sae: SAE, opt: torch.optim.Adam, step: int, tokens_since_fired: Tensor
+) -> None:
     final, tmp = out_dir / CHECKPOINT_DIR, out_dir / (CHECKPOINT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     sae.save(tmp)
@@ -170,7 +184,8 @@ def load_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Adam) -> tuple[int
     saved = SAE.load(ckpt)
     if saved.name != sae.name or saved.cfg != sae.cfg:
         raise ValueError(
-            f"Checkpoint {ckpt} was written for {saved.name} with {saved.cfg}, but this run asks for "
+            f"Checkpoint {ckpt} was written for {saved.name} with {saved.cfg}, "
+            f"but this run asks for "
             f"{sae.name} with {sae.cfg}. Delete {ckpt} (or use another --out) to start afresh."
         )
     sae.load_state_dict(saved.state_dict())
@@ -181,7 +196,7 @@ def load_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Adam) -> tuple[int
     return step, tokens_since_fired
 
 
-# --- the loop ---------------------------------------------------------------------------------------
+# --- the loop ------------------------------------------------------------------------------
 def train(
     cfg: TrainConfig,
     data: BatchSource,
@@ -215,17 +230,27 @@ def train(
         from dvclive import Live
 
         live = Live(str(live_dir), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
-        live.log_params({"architecture": cfg.architecture, **{k: v for k, v in asdict(cfg).items() if k != "sae"}, **cfg.sae})
+        live.log_params(
+            {
+                "architecture": cfg.architecture,
+                **{k: v for k, v in asdict(cfg).items() if k != "sae"},
+                **cfg.sae,
+            }
+        )
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.architecture}", disable=not progress)
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc=f"train {cfg.architecture}", disable=not progress
+    )
     batches = data.iterate(start)
     step = start
     for step in range(start, end):
         x = next(batches)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-        ctx = TrainContext(step=step, total_steps=cfg.steps, dead_mask=tokens_since_fired >= cfg.dead_after_tokens)
+        ctx = TrainContext(
+            step=step, total_steps=cfg.steps, dead_mask=tokens_since_fired >= cfg.dead_after_tokens
+        )
         out = sae.loss(x, ctx)
         if not torch.isfinite(out.loss):
             bar.close()
@@ -251,7 +276,10 @@ def train(
                     "loss": out.loss.item(),
                     "fvu": fvu(x, out.x_hat).item(),
                     "l0": (out.z > 0).float().sum(-1).mean().item(),
-                    "dead_fraction": (tokens_since_fired >= cfg.dead_after_tokens).float().mean().item(),
+                    "dead_fraction": (tokens_since_fired >= cfg.dead_after_tokens)
+                    .float()
+                    .mean()
+                    .item(),
                 }
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
             if live is not None:
@@ -271,7 +299,7 @@ def train(
     return sae
 
 
-# --- command line -----------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -304,7 +332,9 @@ def _extra_hyperparameters(extra: list[str]) -> dict[str, Any]:
             flush()
             key, values = token[2:].replace("-", "_"), []
         elif key is None:
-            raise SystemExit(f"error: unexpected argument {token!r}; hyperparameters go as --name value")
+            raise SystemExit(
+                f"error: unexpected argument {token!r}; hyperparameters go as --name value"
+            )
         else:
             values.append(_parse_value(token))
     flush()
@@ -319,17 +349,31 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other `--name value` pair is an SAE hyperparameter (e.g. --k 32 --d_sae 4096).",
     )
-    p.add_argument("--data", required=True, help=".npy / .safetensors (N x d) or an activation store folder")
-    p.add_argument("--key", default=None, help="tensor name inside a multi-tensor .safetensors file")
-    p.add_argument("--arch", "--architecture", dest="arch", required=True, help="e.g. relu, topk, gated")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SAE hyperparameter")
+    p.add_argument(
+        "--data", required=True, help=".npy / .safetensors (N x d) or an activation store folder"
+    )
+    p.add_argument(
+        "--key", default=None, help="tensor name inside a multi-tensor .safetensors file"
+    )
+    p.add_argument(
+        "--arch", "--architecture", dest="arch", required=True, help="e.g. relu, topk, gated"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="SAE hyperparameter"
+    )
     p.add_argument("--out", required=True, help="output folder (checkpoint/, sae/, live/)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     skip = ("architecture", "sae", "adam_betas")
     for name, f in TrainConfig.__dataclass_fields__.items():
         if name not in skip:
-            p.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, type=type(f.default), default=f.default)
+            p.add_argument(
+                "--" + name.replace("_", "-"),
+                "--" + name,
+                dest=name,
+                type=type(f.default),
+                default=f.default,
+            )
     args, extra = p.parse_known_args(argv)
     hyper = _extra_hyperparameters(extra)
     for item in args.set:
@@ -349,7 +393,14 @@ def main(argv: list[str] | None = None) -> None:
             x = load_activation_file(data_path, key=args.key)
             data = TensorBatches(x, cfg.batch_size, seed=cfg.seed)
         out = Path(args.out)
-        train(cfg, data, out, resume=not args.no_resume, live_dir=out / "live", progress=not args.quiet)
+        train(
+            cfg,
+            data,
+            out,
+            resume=not args.no_resume,
+            live_dir=out / "live",
+            progress=not args.quiet,
+        )
     except (ValueError, TypeError, FileNotFoundError, KeyError, TrainingDiverged) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"saved {out / FINAL_DIR}")

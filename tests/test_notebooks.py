@@ -16,8 +16,14 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
 def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, f"{path}: cells {dirty} have outputs; strip them (jupyter nbconvert --clear-output)"
+    dirty = [
+        i
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code" and (c.outputs or c.execution_count)
+    ]
+    assert not dirty, (
+        f"{path}: cells {dirty} have outputs; strip them (jupyter nbconvert --clear-output)"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=str)

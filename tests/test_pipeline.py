@@ -20,8 +20,13 @@ BIN = Path(sys.executable).parent
 
 
 def _tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     return [f for f in out if (ROOT / f).is_file()]
 
 
@@ -48,7 +53,19 @@ def repo(tmp_path_factory):
     _run([str(BIN / "python"), "-m", "common.params", "use", "smoke"], dst)
     _run(["git", "init", "-q"], dst)
     _run(["git", "add", "-A"], dst)
-    _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy"], dst)
+    _run(
+        [
+            "git",
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.com",
+            "commit",
+            "-qm",
+            "copy",
+        ],
+        dst,
+    )
     return dst
 
 

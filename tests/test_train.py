@@ -20,8 +20,15 @@ def toy():
 
 
 def _cfg(**kw):
-    base = dict(architecture="relu", sae={"d_sae": 64, "l1_coefficient": 1e-2}, steps=40, batch_size=128,
-                lr=3e-3, checkpoint_every=10, log_every=10)
+    base = dict(
+        architecture="relu",
+        sae={"d_sae": 64, "l1_coefficient": 1e-2},
+        steps=40,
+        batch_size=128,
+        lr=3e-3,
+        checkpoint_every=10,
+        log_every=10,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -79,11 +86,19 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(toy, tmp_path):
 
 
 def test_training_reduces_fvu_and_logs_with_dvclive(toy, tmp_path):
-    sae = train(_cfg(steps=200), TensorBatches(toy.x, 128), tmp_path, live_dir=tmp_path / "live", progress=False)
+    sae = train(
+        _cfg(steps=200),
+        TensorBatches(toy.x, 128),
+        tmp_path,
+        live_dir=tmp_path / "live",
+        progress=False,
+    )
     with torch.no_grad():
         fvu = ((toy.x - sae(toy.x)).pow(2).sum() / (toy.x - toy.x.mean(0)).pow(2).sum()).item()
     assert fvu < 0.2
-    logged = (tmp_path / "live" / "plots" / "metrics" / "train" / "fvu.tsv").read_text().splitlines()
+    logged = (
+        (tmp_path / "live" / "plots" / "metrics" / "train" / "fvu.tsv").read_text().splitlines()
+    )
     assert len(logged) > 5
 
 
@@ -109,13 +124,22 @@ def test_bad_train_config(steps):
 
 
 def test_unknown_architecture_lists_valid_ones(toy, tmp_path):
-    with pytest.raises(ValueError, match="Unknown SAE architecture 'nope'. Valid architectures: .*relu"):
-        train(TrainConfig(architecture="nope", steps=1), TensorBatches(toy.x, 16), tmp_path, progress=False)
+    with pytest.raises(
+        ValueError, match="Unknown SAE architecture 'nope'. Valid architectures: .*relu"
+    ):
+        train(
+            TrainConfig(architecture="nope", steps=1),
+            TensorBatches(toy.x, 16),
+            tmp_path,
+            progress=False,
+        )
 
 
 def test_unknown_hyperparameter(toy, tmp_path):
     cfg = TrainConfig(architecture="relu", sae={"d_sae": 8, "l1": 1.0}, steps=1)
-    with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['l1'\] for architecture 'relu'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown hyperparameter\(s\) \['l1'\] for architecture 'relu'"
+    ):
         train(cfg, TensorBatches(toy.x, 16), tmp_path, progress=False)
 
 
@@ -148,13 +172,45 @@ def test_activation_files_npy_and_safetensors(tmp_path):
 
 def test_command_line_trains_from_a_plain_file(toy, tmp_path, capsys):
     np.save(tmp_path / "acts.npy", toy.x.numpy())
-    main(["--data", str(tmp_path / "acts.npy"), "--arch", "relu", "--out", str(tmp_path / "run"),
-          "--steps", "20", "--batch-size", "64", "--d_sae", "32", "--l1_coefficient", "0.01", "--quiet"])
+    main(
+        [
+            "--data",
+            str(tmp_path / "acts.npy"),
+            "--arch",
+            "relu",
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "20",
+            "--batch-size",
+            "64",
+            "--d_sae",
+            "32",
+            "--l1_coefficient",
+            "0.01",
+            "--quiet",
+        ]
+    )
     sae = SAE.load(tmp_path / "run" / "sae")
     assert sae.cfg.d_sae == 32 and sae.cfg.l1_coefficient == 0.01 and sae.cfg.d_in == toy.x.shape[1]
     with pytest.raises(SystemExit, match="Unknown hyperparameter"):
-        main(["--data", str(tmp_path / "acts.npy"), "--arch", "relu", "--out", str(tmp_path / "r2"),
-              "--steps", "2", "--d_sae", "8", "--bogus", "1", "--quiet"])
+        main(
+            [
+                "--data",
+                str(tmp_path / "acts.npy"),
+                "--arch",
+                "relu",
+                "--out",
+                str(tmp_path / "r2"),
+                "--steps",
+                "2",
+                "--d_sae",
+                "8",
+                "--bogus",
+                "1",
+                "--quiet",
+            ]
+        )
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -55,5 +55,7 @@ def load_activation_file(path: str | Path, key: str | None = None) -> Tensor:
                 raise KeyError(f"{path}: no tensor {key!r}; tensors in the file: {keys}")
             x = f.get_tensor(key)
     else:
-        raise ValueError(f"{path}: unsupported activation file type {path.suffix!r}; use .npy or .safetensors")
+        raise ValueError(
+            f"{path}: unsupported activation file type {path.suffix!r}; use .npy or .safetensors"
+        )
     return check_activations(x, source=str(path))

@@ -59,8 +59,12 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     from common.activations.files import load_activation_file
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", required=True, help="folder written by SAE.save (config.json + sae.safetensors)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sae", required=True, help="folder written by SAE.save (config.json + sae.safetensors)"
+    )
     p.add_argument("--data", required=True, help="activation file (.npy / .safetensors)")
     p.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors file")
     p.add_argument("--features-key", default=None, help="tensor with the true features (toy data)")
@@ -69,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sae = SAE.load(args.sae)
         x = load_activation_file(args.data, key=args.key)
-        features = load_activation_file(args.data, key=args.features_key) if args.features_key else None
+        features = (
+            load_activation_file(args.data, key=args.features_key) if args.features_key else None
+        )
         metrics = evaluate(sae, x, true_features=features)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"error: {err}") from err

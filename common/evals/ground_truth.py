@@ -19,12 +19,19 @@ def max_cosines(true_features: Tensor, directions: Tensor) -> Tensor:
     return (f @ d.t()).max(dim=1).values
 
 
-def recovery_metrics(true_features: Tensor, directions: Tensor, threshold: float = 0.9) -> dict[str, float]:
+def recovery_metrics(
+    true_features: Tensor, directions: Tensor, threshold: float = 0.9
+) -> dict[str, float]:
     cos = max_cosines(true_features.detach().float(), directions.detach().float())
-    return {"mmcs": cos.mean().item(), f"recovered_{threshold:g}": (cos > threshold).float().mean().item()}
+    return {
+        "mmcs": cos.mean().item(),
+        f"recovered_{threshold:g}": (cos > threshold).float().mean().item(),
+    }
 
 
-def random_dictionary_baseline(true_features: Tensor, d_sae: int, seed: int = 0) -> dict[str, float]:
+def random_dictionary_baseline(
+    true_features: Tensor, d_sae: int, seed: int = 0
+) -> dict[str, float]:
     """The same metrics for a random dictionary of the same size: the floor to beat.
 
     The generator is offset from ``seed`` so that it never replays the stream that drew the toy

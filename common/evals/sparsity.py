@@ -1,9 +1,9 @@
 """Sparsity metrics of a code ``z`` (N x d_sae).
 
-    L0              = (1/N) sum_n #{i : z_ni > 0}
-    firing freq f_i = (1/N) #{n : z_ni > 0}
-    dead fraction   = share of latents with f_i = 0 on the evaluation tokens
-    dense fraction  = share of latents with f_i > dense_threshold (0.1 by default; paper 48)
+L0              = (1/N) sum_n #{i : z_ni > 0}
+firing freq f_i = (1/N) #{n : z_ni > 0}
+dead fraction   = share of latents with f_i = 0 on the evaluation tokens
+dense fraction  = share of latents with f_i > dense_threshold (0.1 by default; paper 48)
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def before_step(self) -> None:
-        """Gradient surgery between ``backward`` and ``optimizer.step`` (e.g. tangent projection)."""
+        """Gradient surgery between ``backward`` and ``optimizer.step`` (e.g. tangent steps)."""
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -138,7 +138,9 @@ class SAE(nn.Module):
         config = json.loads(config_path.read_text())
         arch = config.pop("architecture", None)
         if arch is None:
-            raise ValueError(f"{config_path} has no `architecture` field; it was not written by SAE.save")
+            raise ValueError(
+                f"{config_path} has no `architecture` field; it was not written by SAE.save"
+            )
         sae = build_sae(arch, **config)
         state = load_file(str(weights_path))
         missing, unexpected = set(sae.state_dict()) - set(state), set(state) - set(sae.state_dict())

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; the Gemma Scope / SAEBench SAEs).
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope; SAEBench, paper 19).
 
 Each latent has a learned threshold theta_i = exp(log_threshold_i) > 0 below which it is zero, and
 sparsity is trained on L0 directly rather than on an L1 proxy (so there is no shrinkage):
@@ -15,8 +15,9 @@ pseudo-derivatives with a rectangle kernel K(u) = 1[-1/2 < u < 1/2] of bandwidth
     d/dtheta JumpReLU_theta(pre)     := -(theta/epsilon) K((pre - theta) / epsilon)
     d/dpre   JumpReLU_theta(pre)     := H(pre - theta),      d/dpre H(pre - theta) := 0
 
-(the paper's Eqs. 11-12; as in DeepMind's code, no STE gradient reaches ``pre``). The chain rule
-through exp gives log_threshold its gradient.
+(as in the paper and DeepMind's code, no STE gradient reaches ``pre``). The chain rule
+through exp gives log_threshold its gradient. The paper encodes x itself; subtracting b_dec first
+(this package's convention) only reparameterises b_enc.
 
 Parameter names match SAELens's ``JumpReLUSAE`` (``W_enc`` ``(d_in, d_sae)``, ``b_enc``,
 ``W_dec`` ``(d_sae, d_in)``, ``b_dec``) except the threshold: the paper trains ``log_threshold``;

@@ -20,7 +20,8 @@ autograd; only the chosen atom's coefficient is recomputed with gradients as <r,
 gradient is identical to back-propagating through the full score matrix (the max only passes
 gradient to the chosen entry), but the graph holds k * (batch x d_in) tensors instead of
 k * (batch x d_sae), and the backward pass costs O(k * batch * d_in) instead of k dense matmuls.
-The forward cost, k dense score matmuls, is the method's inherent price (k times a linear encoder).
+The scores are updated through the Gram matrix, s_{t+1} = s_t - c_t (D D^T)[j_t], so the forward
+pass costs about two dense matmuls instead of k (see ``matching_pursuit``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from common.sae.base import (
 )
 from common.sae.registry import register
 
+# Largest dictionary whose (d_sae x d_sae) Gram matrix the pursuit keeps (16384^2 fp32 = 1 GiB).
+GRAM_MAX_ATOMS = 16384
+
 
 @dataclass
 class MPConfig(SAEConfig):
@@ -53,22 +57,40 @@ class MPConfig(SAEConfig):
             raise ValueError(f"mp config: `k` must be a positive integer, got {self.k!r}")
 
 
-def matching_pursuit(x: Tensor, dictionary: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def matching_pursuit(
+    x: Tensor, dictionary: Tensor, k: int, use_gram: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """k steps of nonnegative matching pursuit of ``x`` (batch, d) over unit-norm ``dictionary``.
 
     Returns ``(values, indices)``, each (batch, k): the coefficient c_t and atom j_t chosen at each
     step, differentiable in ``x`` and ``dictionary`` through the c_t (see the module docstring).
+
+    Selection scores s_t = r_t D^T are tracked without autograd. With ``use_gram`` they are updated
+    as s_{t+1} = s_t - c_t G[j_t] with the Gram matrix G = D D^T (one (d_sae x d_sae) matrix, then
+    O(batch x d_sae) per step instead of a (batch x d_in x d_sae) matmul); by default it is used
+    when d_sae <= GRAM_MAX_ATOMS and d_sae < k * batch (when it is cheaper).
     """
+    n_atoms = dictionary.shape[0]
+    if use_gram is None:
+        use_gram = n_atoms <= GRAM_MAX_ATOMS and n_atoms < k * x.shape[0]
+    with torch.no_grad():
+        scores = x @ dictionary.t()
+        gram = dictionary @ dictionary.t() if use_gram else None
     residual = x
     values, indices = [], []
     for _ in range(k):
         with torch.no_grad():
-            j = (residual @ dictionary.t()).argmax(dim=-1)
+            j = scores.argmax(dim=-1)
         atoms = dictionary[j]  # (batch, d)
         c = torch.relu((residual * atoms).sum(-1))
         residual = residual - c[:, None] * atoms
         values.append(c)
         indices.append(j)
+        with torch.no_grad():
+            if gram is not None:
+                scores -= c.detach()[:, None] * gram[j]
+            else:
+                scores = residual.detach() @ dictionary.t()
     return torch.stack(values, dim=1), torch.stack(indices, dim=1)
 
 

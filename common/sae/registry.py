@@ -54,7 +54,8 @@ def get_architecture(name: str) -> type[SAE]:
     _import_all()
     if name not in _REGISTRY:
         raise ValueError(
-            f"Unknown SAE architecture {name!r}. Valid architectures: {', '.join(sorted(_REGISTRY))}"
+            f"Unknown SAE architecture {name!r}. "
+            f"Valid architectures: {', '.join(sorted(_REGISTRY))}"
         )
     return _REGISTRY[name]
 

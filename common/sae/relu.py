@@ -5,7 +5,8 @@
     L     = ||x - x_hat||^2 + lambda(t) * sum_i |z_i| * (||W_dec[i]|| if decoder_norm_l1 else 1)
 
 Options:
-* ``tied``: the decoder is the encoder transpose (Cunningham et al.: c = ReLU(Mx + b), x_hat = M^T c).
+* ``tied``: the decoder is the encoder transpose (Cunningham et al.: c = ReLU(Mx + b),
+  x_hat = M^T c).
 * ``unit_norm_decoder``: rows of W_dec are renormalised to unit norm after every step, so the L1
   term cannot be cheated by growing the dictionary. The alternative, ``decoder_norm_l1``, weights
   each latent's L1 by its decoder-row norm (Anthropic's April 2024 update) and leaves norms free.
@@ -102,7 +103,12 @@ class ReluSAE(SAE):
             l1 = z.sum(-1).mean()  # z >= 0, so |z| = z
         lam = l1_schedule(self.cfg.l1_coefficient, self.cfg.l1_warmup_steps, ctx.step)
         loss = mse + lam * l1
-        terms = {"mse": mse.item(), "l1": l1.item(), "l1_coefficient": lam, "fvu": fvu(x, x_hat).item()}
+        terms = {
+            "mse": mse.item(),
+            "l1": l1.item(),
+            "l1_coefficient": lam,
+            "fvu": fvu(x, x_hat).item(),
+        }
         return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
 
     @torch.no_grad()

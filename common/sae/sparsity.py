@@ -1,7 +1,7 @@
 """Sparsifying activation functions shared by several architectures.
 
-    TopK(a)_i      = a_i if a_i is among the k largest entries of a (per token), else 0  (Gao et al.)
-    BatchTopK(A)_bi = A_bi if A_bi is among the B*k largest entries of the batch, else 0 (Bussmann et al.)
+    TopK(a)_i       = a_i if a_i is among the k largest entries of a, else 0    (Gao et al.)
+    BatchTopK(A)_bi = A_bi if among the B*k largest entries of the batch, else 0 (Bussmann et al.)
 
 Both are applied to ReLU'd pre-activations, so every kept value is >= 0.
 """

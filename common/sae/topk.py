@@ -61,6 +61,7 @@ class TopKConfig(SAEConfig):
     aux_coefficient: float = 1 / 32
     aux_normalize: bool = True
     tied_init: bool = True
+    init_scale: bool = True  # init_from_data fits the scale of W_enc (see TopKSAE.init_from_data)
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
@@ -131,6 +132,24 @@ class TopKSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """b_dec = mean(x); then, if ``init_scale``, W_enc <- c W_enc with the least-squares scale
+        c = <x - b_dec, r> / ||r||^2, r = W_dec^T z(x) - the reconstruction before scaling.
+
+        The selection does not depend on c (b_enc = 0 at init), so this only sets the magnitude of
+        the first reconstructions: with unit-norm W_enc = W_dec^T, the k largest projections
+        overshoot (FVU > 1 at step 0) and the first hundred Adam steps only undo that.
+        """
+        super().init_from_data(x)
+        if not self.cfg.init_scale:
+            return
+        x_c = x - self.b_dec
+        recon = self.decode(self.encode(x)) - self.b_dec
+        scale = (x_c * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
+        if torch.isfinite(scale) and scale > 0:
+            self.W_enc.mul_(scale)
 
     # --- dense interface (inference, evaluation) ----------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
