@@ -23,10 +23,12 @@ def _data(n: int = 1000, d: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def _write(root: Path, x: torch.Tensor, *, dtype: str = "float32", shard_tokens: int = 128,
-           pieces: int = 7) -> ActivationStore:
-    with ActivationStoreWriter(root, d=x.shape[1], dtype=dtype, shard_tokens=shard_tokens,
-                               metadata=META) as w:
+def _write(
+    root: Path, x: torch.Tensor, *, dtype: str = "float32", shard_tokens: int = 128, pieces: int = 7
+) -> ActivationStore:
+    with ActivationStoreWriter(
+        root, d=x.shape[1], dtype=dtype, shard_tokens=shard_tokens, metadata=META
+    ) as w:
         for part in torch.tensor_split(x, pieces):  # uneven appends that straddle shards
             w.append(part)
     return ActivationStore(root)
@@ -102,7 +104,9 @@ def test_metadata_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     w = ActivationStoreWriter(tmp_path, d=8, shard_tokens=128, metadata=META)
     w.append(_data(200))
     with pytest.raises(ValueError, match=r"metadata\.site.*Delete the folder"):
-        ActivationStoreWriter(tmp_path, d=8, shard_tokens=128, metadata={**META, "site": "mlp_out.3"})
+        ActivationStoreWriter(
+            tmp_path, d=8, shard_tokens=128, metadata={**META, "site": "mlp_out.3"}
+        )
     with pytest.raises(ValueError, match=r"dtype: on disk 'float32', requested 'float16'"):
         ActivationStoreWriter(tmp_path, d=8, dtype="float16", shard_tokens=128, metadata=META)
 
@@ -113,6 +117,11 @@ def test_bad_appends(tmp_path: Path) -> None:
         w.append(torch.zeros(4, 9))
     with pytest.raises(ValueError, match="overflows"):
         w.append(torch.full((2, 8), 1e6))
+    bad = torch.zeros(3, 8)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        w.append(bad)
+    assert w.tokens_written == 0  # rejected rows were not buffered
     with pytest.raises(ValueError, match="unsupported store dtype"):
         ActivationStoreWriter(tmp_path / "b", d=8, dtype="int8", metadata=META)
 
@@ -145,7 +154,7 @@ def test_truncated_shard_fails_at_open(tmp_path: Path) -> None:
         ActivationStore(tmp_path)
 
 
-# --- loader ----------------------------------------------------------------------------------------
+# --- loader ---------------------------------------------------------------------------------------
 def _loader(store: ActivationStore, batch_size: int = 50, seed: int = 0) -> StoreBatches:
     return store.batches(batch_size, seed=seed, chunk_tokens=32, buffer_tokens=200)
 
@@ -158,7 +167,9 @@ def test_loader_is_deterministic_and_resumes(tmp_path: Path) -> None:
     b = _loader(store)
     resumed = [x for _, x in zip(range(15), b.iterate(30), strict=False)]
     assert all(torch.equal(x, y) for x, y in zip(resumed, run[30:], strict=True))
-    assert b.windows_loaded <= 5  # resuming read only the windows it needed, not the epoch so far
+    # 32 chunks of <= 32 rows, 6 per window: 6 windows an epoch. Steps 30-44 are rows 500-1000 of
+    # epoch 1 and 0-250 of epoch 2: at most 4 + 2 windows, while the run from 0 read 2 epochs more.
+    assert b.windows_loaded <= 6 and a.windows_loaded >= 12
     assert torch.equal(_loader(store).batch(17), run[17])
     other = _loader(store, seed=1).batch(0)
     assert not torch.equal(other, run[0])
@@ -174,7 +185,7 @@ def test_loader_covers_every_token_once_per_epoch(tmp_path: Path) -> None:
     x = _data(1000)
     store = _write(tmp_path, x)
     loader = _loader(store, batch_size=40)  # 40 divides 1000
-    ids = [i for b in loader.iterate(0) for i in _row_ids(b, x)][: 2 * 1000]
+    ids = [i for step in range(50) for i in _row_ids(loader.batch(step), x)]  # 2 epochs
     assert sorted(ids[:1000]) == list(range(1000))
     assert sorted(ids[1000:]) == list(range(1000))
     assert ids[:1000] != ids[1000:]
@@ -219,6 +230,21 @@ def test_train_cli_on_a_store(tmp_path: Path) -> None:
     from common.train import main
 
     _write(tmp_path / "store", _data(512, d=8), dtype="float16")
-    main(["--data", str(tmp_path / "store"), "--arch", "relu", "--set", "d_sae=16", "--steps", "6",
-          "--batch-size", "64", "--out", str(tmp_path / "run"), "--quiet"])
+    main(
+        [
+            "--data",
+            str(tmp_path / "store"),
+            "--arch",
+            "relu",
+            "--set",
+            "d_sae=16",
+            "--steps",
+            "6",
+            "--batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert (tmp_path / "run" / "sae").is_dir()

@@ -330,13 +330,42 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--allow-download", action="store_true", help="let transformers fetch hub models"
     )
     p.add_argument("--out", required=True, help="output folder; one store per site inside")
+    p.add_argument(
+        "--keep-separators",
+        action="store_true",
+        help="keep the BOS separators between documents inside a window (dropped by default: "
+        "like position 0 they are attention sinks with ~100x residual norm in SmolLM2)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
+def _windows_for(texts: list[str], tokenizer: Any, args: argparse.Namespace) -> tuple[Any, Tensor]:
+    """Enough token windows for ``--n-tokens`` kept tokens (or the whole corpus), and the mask.
+
+    Windows are a prefix of the same token stream whatever their number, so batches are the same
+    from run to run (resuming is exact). Unless ``--keep-separators``, the in-window document
+    separators (the token every window starts with) are masked out too.
+    """
+    from common.data.text import tokenize_windows
+
+    n_windows = math.ceil(args.n_tokens / (args.context_len - args.drop_first)) + 1
+    while True:
+        windows = tokenize_windows(
+            texts, tokenizer, args.context_len, drop_first=args.drop_first, max_windows=n_windows
+        )
+        keep = windows.keep
+        if not args.keep_separators:
+            keep = keep & (windows.ids != windows.ids[:, :1])
+        kept = int(keep.sum())
+        if kept >= args.n_tokens or len(windows.ids) < n_windows:  # enough, or corpus exhausted
+            return windows, keep
+        n_windows = math.ceil(n_windows * args.n_tokens / max(kept, 1)) + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from common.activations.store import ActivationStoreWriter
-    from common.data.text import load_corpus, tokenize_windows
+    from common.data.text import load_corpus
     from common.models.loading import DEFAULT_CACHE_DIR, load_model
 
     args = _parse(argv)
@@ -354,16 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     for site in sites:
         resolve_site(loaded.model, site)  # fail early, with the list of valid sites
 
-    per_window = args.context_len - args.drop_first
-    n_windows = math.ceil(args.n_tokens / per_window)
     corpus = load_corpus(args.corpus, args.split, args.seed, args.max_docs)
-    windows = tokenize_windows(
-        corpus.texts,
-        loaded.tokenizer,
-        args.context_len,
-        drop_first=args.drop_first,
-        max_windows=n_windows,
-    )
+    windows, keep = _windows_for(corpus.texts, loaded.tokenizer, args)
     widths = probe_sites(loaded, sites, {"input_ids": windows.ids[:1]}, args.drop_first)
     out = Path(args.out)
     metadata = {
@@ -377,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_docs": args.max_docs,
         "context_len": args.context_len,
         "drop_first": args.drop_first,
+        "drop_separators": not args.keep_separators,
         "n_tokens_target": args.n_tokens,
     }
     stores = {
@@ -391,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = extract(
         loaded,
-        window_batches(windows.ids, windows.keep, args.batch_size),
+        window_batches(windows.ids, keep, args.batch_size),
         sites,
         stores,
         drop_first=args.drop_first,

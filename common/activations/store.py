@@ -58,9 +58,19 @@ def _check_dtype(dtype: str) -> tuple[np.dtype, torch.dtype]:
 
 
 def to_storage(x: Tensor, dtype: str) -> np.ndarray:
-    """fp32 rows -> the on-disk numpy array (bf16 as its raw uint16 bits)."""
+    """fp32 rows -> the on-disk numpy array (bf16 as its raw uint16 bits).
+
+    Raises ``ValueError`` on NaN/Inf after the conversion (fp16 overflows above 65504).
+    """
     np_dtype, torch_dtype = _check_dtype(dtype)
     y = x.detach().to("cpu", torch_dtype).contiguous()
+    if y.numel():
+        lo, hi = torch.aminmax(y)  # NaN and +-Inf reach the extremes; far cheaper than isfinite
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError(
+                f"NaN/Inf in the activations after conversion to {dtype} (fp16 overflows above "
+                "65504; use dtype='bfloat16' or 'float32', or drop those rows)"
+            )
     if torch_dtype == torch.bfloat16:
         return y.view(torch.int16).numpy().view(np_dtype)
     return y.numpy()
@@ -72,13 +82,15 @@ def from_storage(a: np.ndarray, dtype: str, *, copy: bool = True) -> Tensor:
     bf16 is widened exactly: its 16 bits are the high half of the fp32 bit pattern.
     """
     _, torch_dtype = _check_dtype(dtype)
-    a = np.ascontiguousarray(a)
+    fresh = not a.flags.writeable or not a.flags.c_contiguous  # e.g. a read-only memory map
+    if fresh:
+        a = np.array(a, order="C")
     if torch_dtype == torch.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
     t = torch.from_numpy(a)
     if torch_dtype != torch.float32:
         return t.float()
-    return t.clone() if copy else t
+    return t.clone() if copy and not fresh else t
 
 
 def _sha256_file(path: Path, block: int = 1 << 24) -> str:
@@ -247,12 +259,6 @@ class ActivationStoreWriter:
                 f"append expects a (n_tokens, {self.d}) matrix, got shape {tuple(x.shape)}"
             )
         rows = to_storage(x, self.dtype)
-        if not torch.isfinite(from_storage(rows, self.dtype)).all():
-            raise ValueError(
-                f"append: NaN/Inf in the activations after conversion to {self.dtype} "
-                "(fp16 overflows above 65504; use dtype='bfloat16' or 'float32', "
-                "or drop those rows)"
-            )
         start = 0
         while start < len(rows):
             take = min(len(rows) - start, self.shard_tokens - self._filled)

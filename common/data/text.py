@@ -146,6 +146,12 @@ def wordnet(
 
 
 # --- fortunes -------------------------------------------------------------------------------------
+def _strip_overstrike(text: str) -> str:
+    """Terminal overstrike -> plain text: ``"___\b\b\bnot"``, ``"_\bx"`` (underline), ``"x\bx"``."""
+    text = re.sub(r"(_+)(\x08+)", lambda m: m.group(1)[len(m.group(2)) :], text)
+    return re.sub(r".\x08", "", text).replace("\x08", "")
+
+
 @lru_cache(maxsize=2)
 def _fortunes_all(root: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     folder = Path(root)
@@ -156,7 +162,7 @@ def _fortunes_all(root: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if path.suffix or path.is_symlink() or not path.is_file():  # skip .dat indexes, .u8 links
             continue
         raw = path.read_text(encoding="utf-8", errors="replace")
-        raw = re.sub(r".\x08", "", raw)  # terminal overstrike (bold / underline) -> plain text
+        raw = _strip_overstrike(raw)
         for fortune in re.split(r"^%$", raw, flags=re.MULTILINE):
             if fortune.strip():
                 texts.append(fortune.strip("\n"))

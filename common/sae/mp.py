@@ -15,13 +15,15 @@ Each step selects the atom that best explains what the previous atoms left over,
 are conditioned on earlier ones (the "residual-guided" encoder that captures hierarchical and
 correlated features). An atom may be picked more than once; its coefficients add up.
 
-Efficiency: the selection scores ``r W_dec^T`` (batch x d_sae per step) are computed without
-autograd; only the chosen atom's coefficient is recomputed with gradients as <r, d_j>. The
-gradient is identical to back-propagating through the full score matrix (the max only passes
-gradient to the chosen entry), but the graph holds k * (batch x d_in) tensors instead of
-k * (batch x d_sae), and the backward pass costs O(k * batch * d_in) instead of k dense matmuls.
-The scores are updated through the Gram matrix, s_{t+1} = s_t - c_t (D D^T)[j_t], so the forward
-pass costs about two dense matmuls instead of k (see ``matching_pursuit``).
+Efficiency (the pursuit is k sequential steps, so it needs care at batch 4096):
+1. the atom choices are found without autograd, tracking the scores s = r W_dec^T through the
+   Gram matrix, s_{t+1} = s_t - c_t (D D^T)[j_t]: two dense matmuls in all instead of k
+   (``pursuit_indices``);
+2. the pursuit is then replayed along those choices with autograd (``pursuit_coefficients``):
+   c_t = <r, d_j> for the chosen atom only. The gradient is the same as back-propagating through
+   the full score matrix (the max passes gradient only to the chosen entry), but the graph holds
+   O(k * batch * d_in) numbers instead of k * batch * d_sae, and the backward pass has no dense
+   matmul at all.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.sae.base import (
@@ -57,41 +60,64 @@ class MPConfig(SAEConfig):
             raise ValueError(f"mp config: `k` must be a positive integer, got {self.k!r}")
 
 
-def matching_pursuit(
-    x: Tensor, dictionary: Tensor, k: int, use_gram: bool | None = None
-) -> tuple[Tensor, Tensor]:
-    """k steps of nonnegative matching pursuit of ``x`` (batch, d) over unit-norm ``dictionary``.
+@torch.no_grad()
+def pursuit_indices(x: Tensor, dictionary: Tensor, k: int, use_gram: bool | None = None) -> Tensor:
+    """The atoms j_1..j_k that nonnegative matching pursuit picks for each row of ``x``: (batch, k).
 
-    Returns ``(values, indices)``, each (batch, k): the coefficient c_t and atom j_t chosen at each
-    step, differentiable in ``x`` and ``dictionary`` through the c_t (see the module docstring).
-
-    Selection scores s_t = r_t D^T are tracked without autograd. With ``use_gram`` they are updated
-    as s_{t+1} = s_t - c_t G[j_t] with the Gram matrix G = D D^T (one (d_sae x d_sae) matrix, then
-    O(batch x d_sae) per step instead of a (batch x d_in x d_sae) matmul); by default it is used
-    when d_sae <= GRAM_MAX_ATOMS and d_sae < k * batch (when it is cheaper).
+    Tracks the scores s_t = r_t D^T without autograd. With the Gram matrix G = D D^T they update
+    as s_{t+1} = s_t - c_t G[j_t] (c_t = max(s_t[j_t], 0)): O(batch x d_sae) per step instead of
+    a (batch x d_in x d_sae) matmul. By default G is used when d_sae <= GRAM_MAX_ATOMS and
+    d_sae < k * batch (when it is cheaper than recomputing the scores).
     """
     n_atoms = dictionary.shape[0]
     if use_gram is None:
         use_gram = n_atoms <= GRAM_MAX_ATOMS and n_atoms < k * x.shape[0]
-    with torch.no_grad():
-        scores = x @ dictionary.t()
-        gram = dictionary @ dictionary.t() if use_gram else None
-    residual = x
-    values, indices = [], []
+    gram = dictionary @ dictionary.t() if use_gram else None
+    scores = x @ dictionary.t()
+    rows = torch.empty_like(scores) if use_gram else None
+    residual = x.clone()
+    chosen = []
     for _ in range(k):
-        with torch.no_grad():
-            j = scores.argmax(dim=-1)
-        atoms = dictionary[j]  # (batch, d)
-        c = torch.relu((residual * atoms).sum(-1))
-        residual = residual - c[:, None] * atoms
+        j = scores.argmax(dim=-1)
+        c = scores.gather(1, j[:, None]).clamp_min_(0)  # (batch, 1)
+        chosen.append(j)
+        if gram is not None:
+            torch.index_select(gram, 0, j, out=rows)
+            scores.addcmul_(rows, c, value=-1)
+        else:
+            residual.addcmul_(dictionary[j], c, value=-1)
+            scores = residual @ dictionary.t()
+    return torch.stack(chosen, dim=1)
+
+
+def pursuit_coefficients(x: Tensor, dictionary: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Replay the pursuit along fixed atom choices, with autograd: returns (c (batch, k), r_k).
+
+    c_t = max(<r_{t-1}, d_{j_t}>, 0), r_t = r_{t-1} - c_t d_{j_t}, r_0 = x. The chosen atoms are
+    gathered once (``F.embedding``, whose backward is a fast scatter-add) as a (batch, k, d) tensor.
+    """
+    atoms = F.embedding(indices, dictionary)
+    residual = x
+    values = []
+    for t in range(indices.shape[1]):
+        c = torch.relu((residual * atoms[:, t]).sum(-1))
+        residual = residual - c[:, None] * atoms[:, t]
         values.append(c)
-        indices.append(j)
-        with torch.no_grad():
-            if gram is not None:
-                scores -= c.detach()[:, None] * gram[j]
-            else:
-                scores = residual.detach() @ dictionary.t()
-    return torch.stack(values, dim=1), torch.stack(indices, dim=1)
+    return torch.stack(values, dim=1), residual
+
+
+def matching_pursuit(
+    x: Tensor, dictionary: Tensor, k: int, use_gram: bool | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """k steps of nonnegative matching pursuit of ``x`` (batch, d) over unit-norm ``dictionary``.
+
+    Returns ``(values, indices, residual)``: the coefficient c_t and atom j_t of each step, each
+    (batch, k), and the final residual r_k; values and residual are differentiable in ``x`` and
+    ``dictionary`` (the choices are not: they are piecewise constant).
+    """
+    indices = pursuit_indices(x.detach(), dictionary.detach(), k, use_gram)
+    values, residual = pursuit_coefficients(x, dictionary, indices)
+    return values, indices, residual
 
 
 @register
@@ -109,17 +135,15 @@ class MPSAE(SAE):
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense code z (batch, d_sae): the pursuit coefficients summed per atom."""
-        values, indices = matching_pursuit(x - self.b_dec, self.W_dec, self.cfg.k)
-        z = values.new_zeros(x.shape[0], self.cfg.d_sae)
-        return z.scatter_add(-1, indices, values)
+        values, indices, _ = matching_pursuit(x - self.b_dec, self.W_dec, self.cfg.k)
+        return values.new_zeros(x.shape[0], self.cfg.d_sae).scatter_add(-1, indices, values)
 
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
 
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
-        values, indices = matching_pursuit(x - self.b_dec, self.W_dec, self.cfg.k)
-        # Sparse decode: sum_t c_t d_{j_t} touches k rows per token instead of d_sae.
-        x_hat = torch.einsum("bk,bkd->bd", values, self.W_dec[indices]) + self.b_dec
+        values, indices, residual = matching_pursuit(x - self.b_dec, self.W_dec, self.cfg.k)
+        x_hat = x - residual  # = b_dec + sum_t c_t d_{j_t}, without a (batch x d_sae) matmul
         mse = reconstruction_mse(x, x_hat)
         z = values.new_zeros(x.shape[0], self.cfg.d_sae).scatter_add(-1, indices, values)
         terms = {"mse": mse.item(), "fvu": fvu(x, x_hat).item()}
