@@ -12,8 +12,8 @@ the registry has no topk) at the same batch size:
 Memory: peak resident memory while streaming (VmHWM after resetting it through
 ``/proc/self/clear_refs``) against the store's size on disk.
 
-    python benchmarks/bench_loader.py                  # 2M x 576, fp16 and fp32, ~1-2 min
-    python benchmarks/bench_loader.py --tokens 500000 --out metrics/bench_loader.json
+    python benchmarks/bench_loader.py                  # 1M x 576, fp16 and fp32, ~1-2 min
+    python benchmarks/bench_loader.py --tokens 2000000 --out benchmarks/results/loader.json
 """
 
 from __future__ import annotations
@@ -125,12 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=576, help="576 = SmolLM2-135M's d_model")
     p.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--loader-batches", type=int, default=150)
-    p.add_argument("--sae-steps", type=int, default=3)
+    p.add_argument("--loader-batches", type=int, default=100)
+    p.add_argument("--sae-steps", type=int, default=2)
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument(

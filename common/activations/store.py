@@ -454,6 +454,9 @@ class StoreBatches:
     ``t`` is positions ``[t*B, (t+1)*B)`` of the endless sequence of epochs, so any batch can be
     rebuilt from ``(seed, t)`` alone: resuming at step ``t`` reads only the window holding ``t*B``.
 
+    The batches also depend on the store's shard layout and on ``chunk_tokens`` / ``buffer_tokens``
+    (the defaults derive from the store's d and dtype), so a resumed run must keep those.
+
     Every row appears exactly once per epoch. Memory: one buffer of at most ``buffer_tokens`` rows
     in the storage dtype (256 MiB by default) plus the batch.
 
@@ -481,6 +484,8 @@ class StoreBatches:
         ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if store.n_tokens == 0:
             raise ValueError(f"{store.root}: the store holds no tokens")
         self.store, self.batch_size, self.seed = store, batch_size, seed
@@ -556,6 +561,7 @@ class StoreBatches:
             a = offset - int(starts[w])
             take = min(need, len(perm) - a)
             rows = buffer[perm[a : a + take]]  # fancy indexing copies out of the buffer
+            del buffer  # so that loading the next window never holds two buffers
             parts.append(from_storage(rows, self.store.dtype, copy=False))
             pos, need = pos + take, need - take
         return parts[0] if len(parts) == 1 else torch.cat(parts)

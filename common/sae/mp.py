@@ -94,14 +94,15 @@ def pursuit_coefficients(x: Tensor, dictionary: Tensor, indices: Tensor) -> tupl
     """Replay the pursuit along fixed atom choices, with autograd: returns (c (batch, k), r_k).
 
     c_t = max(<r_{t-1}, d_{j_t}>, 0), r_t = r_{t-1} - c_t d_{j_t}, r_0 = x. The chosen atoms are
-    gathered once (``F.embedding``, whose backward is a fast scatter-add) as a (batch, k, d) tensor.
+    gathered once (``F.embedding``, whose backward is a fast scatter-add) as a (k, batch, d) tensor.
     """
-    atoms = F.embedding(indices, dictionary)
+    # (k, batch, d), split into k contiguous (batch, d) views whose backward is one stack.
+    atoms = F.embedding(indices.t(), dictionary).unbind(0)
     residual = x
     values = []
-    for t in range(indices.shape[1]):
-        c = torch.relu((residual * atoms[:, t]).sum(-1))
-        residual = residual - c[:, None] * atoms[:, t]
+    for atom in atoms:
+        c = torch.relu((residual * atom).sum(-1))
+        residual = residual - c[:, None] * atom
         values.append(c)
     return torch.stack(values, dim=1), residual
 
