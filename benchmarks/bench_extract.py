@@ -132,14 +132,9 @@ def rss_child(args: argparse.Namespace) -> dict:
     sites = args.sites.split(",")
     ids, keep = _windows(loaded, args.rss_child, args.context_len)
     widths = {s: loaded.model.config.hidden_size for s in sites}
+    warm = 4 * args.batch_size  # the allocator settles after a few batches
     _extract_once(
-        loaded,
-        ids[: args.batch_size],
-        keep[: args.batch_size],
-        sites,
-        widths,
-        args.batch_size,
-        args.shard_tokens,
+        loaded, ids[:warm], keep[:warm], sites, widths, args.batch_size, args.shard_tokens
     )
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     before = _status_kb("VmRSS")
@@ -157,15 +152,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sites", default="resid_post.6,mlp_out.6")
-    p.add_argument("--tokens", type=int, default=8192, help="window positions for throughput")
+    p.add_argument("--tokens", type=int, default=4096, help="window positions for throughput")
     p.add_argument("--context-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rss-tokens", default="4096,32768", help="two token counts for the RSS test")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--rss-tokens", default="16384,65536", help="two token counts for the RSS test")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_child is not None:
         print(json.dumps(rss_child(args)))
         return
@@ -178,22 +176,11 @@ def main() -> None:
     )
     memory = []
     for n in (int(x) for x in args.rss_tokens.split(",")):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--rss-child",
-            str(n),
-            "--model",
-            args.model,
-            "--sites",
-            args.sites,
-            "--context-len",
-            str(args.context_len),
-            "--batch-size",
-            str(args.batch_size),
-            "--shard-tokens",
-            str(args.shard_tokens),
-        ]
+        cmd = [sys.executable, __file__, "--rss-child", str(n), "--model", args.model]
+        cmd += ["--sites", args.sites, "--context-len", str(args.context_len)]
+        cmd += ["--batch-size", str(args.batch_size), "--shard-tokens", str(args.shard_tokens)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         memory.append(json.loads(out.strip().splitlines()[-1]))
         print(

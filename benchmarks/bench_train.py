@@ -47,7 +47,7 @@ from common.train import TrainConfig
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
 
-# --- data -------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 class SuperpositionStream:
     """x = sum of ``n_active`` random unit features with magnitudes Uniform[0.5, 2); batch t is
     determined by (seed, t)."""
@@ -65,7 +65,7 @@ class SuperpositionStream:
         return F.embedding_bag(idx, self.features, per_sample_weights=mags, mode="sum")
 
 
-# --- one runner per implementation ------------------------------------------------------------------
+# --- one runner per implementation ----------------------------------------------------------------
 @dataclass
 class Runner:
     impl: str
@@ -75,20 +75,35 @@ class Runner:
     times: list[float] = field(default_factory=list)
 
 
-def ours(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None) -> Runner:
-    """The step of ``common.train.train``, line for line (minus logging and checkpoints)."""
+def ours(
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    l1: float,
+    x0: Tensor,
+    dead: Tensor | None,
+    proposed: bool = False,
+) -> Runner:
+    """The step of ``common.train.train``, line for line (minus logging and checkpoints).
+
+    ``proposed`` ("ours+"): the same step with two trainer changes under discussion: fused Adam
+    (one pass over each parameter instead of ~8 elementwise ops), and, for TopK, firing counts
+    read from the sparse code (``loss_with_sparse_code``) instead of a dense B x d_sae ``z``.
+    """
     cfg = TrainConfig(architecture=arch)
     hyper = {"k": k} if arch == "topk" else {"l1_coefficient": l1}
     sae = build_sae(arch, d_in=d_in, d_sae=d_sae, seed=0, **hyper)
     sae.init_from_data(x0)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=proposed)
+    sparse_code = proposed and hasattr(sae, "loss_with_sparse_code")
     tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
     state = {"step": 0}
 
     def step(x: Tensor) -> None:
         dead_mask = tokens_since_fired >= cfg.dead_after_tokens if dead is None else dead
         ctx = TrainContext(step=state["step"], total_steps=cfg.steps, dead_mask=dead_mask)
-        out = sae.loss(x, ctx)
+        out = sae.loss_with_sparse_code(x, ctx) if sparse_code else sae.loss(x, ctx)
         if not torch.isfinite(out.loss):
             raise RuntimeError(f"ours/{arch}: loss is {out.loss.item()}")
         opt.zero_grad(set_to_none=True)
@@ -98,7 +113,10 @@ def ours(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: 
         opt.step()
         sae.after_step()
         with torch.no_grad():
-            fired = (out.z > 0).any(0)
+            if sparse_code:
+                fired = out.z._indices()[1][out.z._values() > 0]
+            else:
+                fired = (out.z > 0).any(0)
             tokens_since_fired.add_(x.shape[0])
             tokens_since_fired[fired] = 0
         state["step"] += 1
@@ -107,10 +125,18 @@ def ours(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: 
         z = sae.encode(x)
         return sae.decode(z), z
 
-    return Runner("ours", arch, step, reconstruct)
+    return Runner("ours+" if proposed else "ours", arch, step, reconstruct)
 
 
-def sae_lens(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None) -> Runner:
+def ours_proposed(
+    arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None
+) -> Runner:
+    return ours(arch, d_in, d_sae, k, l1, x0, dead, proposed=True)
+
+
+def sae_lens(
+    arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None
+) -> Runner:
     """``SAETrainer.step`` of SAELens with its default Adam (lr 3e-4) and clipping."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
@@ -149,7 +175,9 @@ def sae_lens(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, de
     return Runner("sae-lens", arch, step, reconstruct)
 
 
-def sparsify(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None) -> Runner:
+def sparsify(
+    arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None
+) -> Runner:
     """``SparseCoder`` with ``sparsify.Trainer``'s defaults: loss = FVU (+ auxk_alpha * AuxK),
     sign-SGD in ScheduleFree (momentum 0.95, lr 5e-3 / sqrt(M / 2^14)), unit-norm decoder."""
     from schedulefree import ScheduleFreeWrapper
@@ -162,7 +190,9 @@ def sparsify(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, de
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), "cpu", dtype=torch.float32)
     with torch.no_grad():
         sae.b_dec.copy_(x0.mean(0))
-    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95)
+    opt = ScheduleFreeWrapper(
+        SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95
+    )
     opt.train()
     auxk_alpha = 1 / 32 if dead is not None else 0.0  # sparsify's default: 0 (no AuxK)
 
@@ -186,10 +216,11 @@ def sparsify(arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, de
     return Runner("sparsify", arch, step, reconstruct)
 
 
-IMPLEMENTATIONS = {"ours": ours, "sae-lens": sae_lens, "sparsify": sparsify}
+IMPLEMENTATIONS = {"ours": ours, "ours+": ours_proposed, "sae-lens": sae_lens, "sparsify": sparsify}
+OURS = ("ours", "ours+")
 
 
-# --- the benchmark ----------------------------------------------------------------------------------
+# --- the benchmark --------------------------------------------------------------------------------
 def run_config(
     d_in: int,
     expansion: int,
@@ -225,16 +256,29 @@ def run_config(
             x_hat, z = r.reconstruct(x_eval)
             fvu_eval, l0 = fvu(x_eval, x_hat).item(), (z > 0).float().sum(1).mean().item()
         median = statistics.median(r.times)
-        rows.append({
-            "d_in": d_in, "expansion": expansion, "d_sae": d_sae, "arch": r.arch, "impl": r.impl,
-            "batch_size": args.batch_size, "k": args.k if r.arch == "topk" else None,
-            "steps_trained": n_steps, "timed_steps": len(r.times),
-            "step_seconds_median": median, "step_seconds_min": min(r.times),
-            "vectors_per_second": args.batch_size / median,
-            "fvu": fvu_eval, "l0": l0,
-        })
-        print(f"  {r.impl:9s} {r.arch:5s} {median:8.3f} s/step  {args.batch_size / median:9.0f} vec/s  "
-              f"FVU {fvu_eval:.4f}  L0 {l0:6.1f}", flush=True)
+        rows.append(
+            {
+                "d_in": d_in,
+                "expansion": expansion,
+                "d_sae": d_sae,
+                "arch": r.arch,
+                "impl": r.impl,
+                "batch_size": args.batch_size,
+                "k": args.k if r.arch == "topk" else None,
+                "steps_trained": n_steps,
+                "timed_steps": len(r.times),
+                "step_seconds_median": median,
+                "step_seconds_min": min(r.times),
+                "vectors_per_second": args.batch_size / median,
+                "fvu": fvu_eval,
+                "l0": l0,
+            }
+        )
+        print(
+            f"  {r.impl:9s} {r.arch:5s} {median:8.3f} s/step  "
+            f"{args.batch_size / median:9.0f} vec/s  FVU {fvu_eval:.4f}  L0 {l0:6.1f}",
+            flush=True,
+        )
     return rows
 
 
@@ -242,12 +286,15 @@ def add_ratios(rows: list[dict]) -> None:
     """ratio_vs_fastest_peer = our throughput / the best peer's, per (config, architecture)."""
     for row in rows:
         peers = [
-            r for r in rows
-            if r["impl"] != "ours" and (r["d_in"], r["expansion"], r["arch"]) == (row["d_in"], row["expansion"], row["arch"])
+            r
+            for r in rows
+            if r["impl"] not in OURS
+            and (r["d_in"], r["expansion"], r["arch"])
+            == (row["d_in"], row["expansion"], row["arch"])
         ]
         row["ratio_vs_fastest_peer"] = None
         row["fvu_fastest_peer"] = None
-        if row["impl"] == "ours" and peers:
+        if row["impl"] in OURS and peers:
             best = max(peers, key=lambda r: r["vectors_per_second"])
             row["fastest_peer"] = best["impl"]
             row["ratio_vs_fastest_peer"] = row["vectors_per_second"] / best["vectors_per_second"]
@@ -258,10 +305,15 @@ def table(rows: list[dict]) -> str:
     head = "| d_in | exp | arch | impl | s/step | vectors/s | FVU | L0 | ours / fastest peer |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        ratio = f"{r['ratio_vs_fastest_peer']:.2f}x vs {r['fastest_peer']}" if r.get("ratio_vs_fastest_peer") else ""
+        ratio = (
+            f"{r['ratio_vs_fastest_peer']:.2f}x vs {r['fastest_peer']}"
+            if r.get("ratio_vs_fastest_peer")
+            else ""
+        )
         lines.append(
-            f"| {r['d_in']} | {r['expansion']} | {r['arch']} | {r['impl']} | {r['step_seconds_median']:.3f} "
-            f"| {r['vectors_per_second']:.0f} | {r['fvu']:.4f} | {r['l0']:.1f} | {ratio} |"
+            f"| {r['d_in']} | {r['expansion']} | {r['arch']} | {r['impl']} "
+            f"| {r['step_seconds_median']:.3f} | {r['vectors_per_second']:.0f} "
+            f"| {r['fvu']:.4f} | {r['l0']:.1f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -277,7 +329,9 @@ def cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d-in", type=int, nargs="+", default=[384, 768])
     p.add_argument("--expansion", type=int, nargs="+", default=[8, 32])
     p.add_argument("--batch-size", type=int, default=4096)
@@ -285,14 +339,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--l1", type=float, default=0.3, help="L1 coefficient of both ReLU SAEs")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps (at most)")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="per configuration, after 3 timed steps")
+    p.add_argument(
+        "--max-seconds", type=float, default=120.0, help="per configuration, after 3 timed steps"
+    )
     p.add_argument("--archs", nargs="+", default=["topk", "relu"], choices=["topk", "relu"])
-    p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
-    p.add_argument("--dead-fraction", type=float, default=0.0,
-                   help="mark this fraction of latents dead in every TopK implementation (exercises AuxK)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS)
+    )
+    p.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.0,
+        help="mark this fraction of latents dead in every TopK implementation (exercises AuxK)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="d_in 128, expansion 8, batch 1024, 3+5 steps")
+    p.add_argument(
+        "--quick", action="store_true", help="d_in 128, expansion 8, batch 1024, 3+5 steps"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
@@ -305,7 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for d_in in args.d_in:
         for expansion in args.expansion:
-            print(f"d_in {d_in}, expansion {expansion} (d_sae {d_in * expansion}), batch {args.batch_size}", flush=True)
+            print(
+                f"d_in {d_in}, expansion {expansion} (d_sae {d_in * expansion}), "
+                f"batch {args.batch_size}",
+                flush=True,
+            )
             rows += run_config(d_in, expansion, args)
     add_ratios(rows)
     print()

@@ -89,6 +89,17 @@ def _sae_hyperparameters(value: Any, key: str) -> None:
 
 SAE_HYPERPARAMETERS = "sae-hyperparameters"
 
+TRAIN_SCHEMA: dict[str, Any] = {
+    "steps": POS_INT,
+    "batch_size": POS_INT,
+    "lr": POS_FLOAT,
+    "lr_warmup_steps": NONNEG_INT,
+    "lr_decay_fraction": FRACTION,
+    "dead_after_tokens": POS_INT,
+    "normalize_activations": BOOL,
+    "saes": SAE_HYPERPARAMETERS,
+}
+
 SCHEMA: dict[str, Any] = {
     "seed": NONNEG_INT,
     "toy": {
@@ -98,15 +109,18 @@ SCHEMA: dict[str, Any] = {
         "d": POS_INT,
         "p_active": PROBABILITY,
     },
-    "toy_train": {
-        "steps": POS_INT,
+    "toy_train": TRAIN_SCHEMA,
+    "lm": {
+        "model": STRING,
+        "site": STRING,
+        "corpus": one_of("wordnet", "fortunes", "shakespeare", "tweets"),
+        "context_len": POS_INT,
+        "train_tokens": POS_INT,
+        "eval_tokens": POS_INT,
         "batch_size": POS_INT,
-        "lr": POS_FLOAT,
-        "lr_warmup_steps": NONNEG_INT,
-        "lr_decay_fraction": FRACTION,
-        "dead_after_tokens": POS_INT,
-        "saes": SAE_HYPERPARAMETERS,
+        "dtype": one_of("float32", "float16", "bfloat16"),
     },
+    "lm_train": TRAIN_SCHEMA,
     "compare": {
         "title": STRING,
     },

@@ -113,6 +113,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     init_sample: int = 8192  # tokens used by SAE.init_from_data
+    normalize_activations: bool = False  # train on x * c with E||c x|| = sqrt(d_in)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +142,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if decay_steps > 0:
         factor = min(factor, (cfg.steps - step) / decay_steps)
     return factor
+
+
+def input_scale_for(sample: Tensor) -> float:
+    """c = sqrt(d_in) / E||x||, so that the scaled activations have E||c x|| = sqrt(d_in)."""
+    return float(math.sqrt(sample.shape[1]) / sample.norm(dim=1).mean().clamp_min(1e-12))
 
 
 # --- checkpoints: safetensors + JSON, written atomically ------------------------------------------
@@ -215,7 +221,10 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    sample = data.sample(cfg.init_sample)
     sae_kwargs = {"seed": cfg.seed, **cfg.sae, "d_in": data.d_in}
+    if cfg.normalize_activations:
+        sae_kwargs["input_scale"] = input_scale_for(sample)
     sae = build_sae(cfg.architecture, **sae_kwargs)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
@@ -223,7 +232,7 @@ def train(
     if resume and (out_dir / CHECKPOINT_DIR).exists():
         start, tokens_since_fired = load_checkpoint(out_dir, sae, opt)
     else:
-        sae.init_from_data(data.sample(cfg.init_sample))
+        sae.init_from_data(sae.scale_in(sample))
 
     live = None
     if live_dir is not None:
@@ -245,7 +254,7 @@ def train(
     batches = data.iterate(start)
     step = start
     for step in range(start, end):
-        x = next(batches)
+        x = sae.scale_in(next(batches))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         ctx = TrainContext(
@@ -307,6 +316,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _extra_hyperparameters(extra: list[str]) -> dict[str, Any]:
     """Hyperparameters from leftover ``--name value`` flags, as DVC unpacks a params dict.
 
@@ -345,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.activations.files import load_activation_file
 
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # `--k 32` is a hyperparameter, not an abbreviation of --key
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other `--name value` pair is an SAE hyperparameter (e.g. --k 32 --d_sae 4096).",
@@ -366,14 +384,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     skip = ("architecture", "sae", "adam_betas")
     for name, f in TrainConfig.__dataclass_fields__.items():
-        if name not in skip:
+        if name in skip:
+            continue
+        flags = ["--" + name.replace("_", "-"), "--" + name]
+        if isinstance(f.default, bool):  # --flag, --flag true|false, --no-flag
             p.add_argument(
-                "--" + name.replace("_", "-"),
-                "--" + name,
-                dest=name,
-                type=type(f.default),
-                default=f.default,
+                *flags, dest=name, type=_parse_bool, nargs="?", const=True, default=f.default
             )
+            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false")
+        else:
+            p.add_argument(*flags, dest=name, type=type(f.default), default=f.default)
     args, extra = p.parse_known_args(argv)
     hyper = _extra_hyperparameters(extra)
     for item in args.set:

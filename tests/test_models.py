@@ -271,7 +271,9 @@ def test_unknown_site_and_layer_list_valid_sites(tiny_paths):
         )
 
 
-def test_unknown_model_names_fail_with_the_fix():
+def test_unknown_model_names_fail_with_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
     with pytest.raises(OSError, match=r"not a built-in model \(valid: smollm2-135m.*Did you mean"):
         load_model("smollm2")
     with pytest.raises(OSError, match="downloaded once on a machine with internet"):
@@ -337,3 +339,16 @@ def test_smollm2_loads_offline_and_position0_norm_dominates(smollm2_folder):
     # Measured: ~8x at layer 6, 100-200x at layers 11-27 (the attention sink).
     assert ratios["resid_post.15"] > 30
     assert ratios["resid_post.6"] > 3
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_paths, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_paths["gpt2"], folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="no safetensors weights"):
+        load_model(str(folder))

@@ -131,7 +131,8 @@ def test_absorption_measure_on_hand_built_codes():
     assert exact["absorption"].nanmean().item() == 0.0
     absorbed = data.codes.clone()
     child_on = data.codes[:, n_parents:] > 0
-    has_child = torch.zeros(len(data.x), n_parents).index_add_(1, data.parents, child_on.float()) > 0
+    counts = torch.zeros(len(data.x), n_parents).index_add_(1, data.parents, child_on.float())
+    has_child = counts > 0
     absorbed[:, :n_parents][has_child] = 0.0
     per = per_parent_absorption(data.features, absorbed, data)
     assert torch.allclose(per["miss_child"], torch.ones(n_parents))

@@ -16,8 +16,7 @@ from torch.autograd import gradcheck
 
 from common import toy
 from common.evals.ground_truth import random_dictionary_baseline, recovery_metrics
-from common.sae import SAE, TrainContext, available_architectures, build_sae
-from common.sae import sparse_ops
+from common.sae import SAE, TrainContext, available_architectures, build_sae, sparse_ops
 from common.sae.base import fvu
 from common.sae.sparse_ops import selected_preacts, sparse_decode, topk_preacts
 from common.train import TensorBatches, TrainConfig, train
@@ -30,10 +29,18 @@ def _superposition(n_features: int = 64, d: int = 32, p_active: float = 0.05) ->
     return toy.superposition(n_samples=8000, n_features=n_features, d=d, p_active=p_active, seed=0)
 
 
-def _train(data: toy.ToyData, arch: str, steps: int, dead_after_tokens: int = 1_000_000, **sae) -> SAE:
+def _train(
+    data: toy.ToyData, arch: str, steps: int, dead_after_tokens: int = 1_000_000, **sae
+) -> SAE:
     cfg = TrainConfig(
-        architecture=arch, sae=sae, steps=steps, batch_size=BATCH, lr=3e-3,
-        checkpoint_every=steps, log_every=steps, dead_after_tokens=dead_after_tokens,
+        architecture=arch,
+        sae=sae,
+        steps=steps,
+        batch_size=BATCH,
+        lr=3e-3,
+        checkpoint_every=steps,
+        log_every=steps,
+        dead_after_tokens=dead_after_tokens,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: a second thread only contends on a shared CPU
@@ -104,7 +111,9 @@ def test_gradcheck_sparse_decode() -> None:
     n, m, d = 5, 9, 4
     W_dec = _double(m, d)
     rows, cols = _entries(n, m, 3)
-    assert gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, n), (_double(rows.numel()), W_dec))
+    assert gradcheck(
+        lambda v, w: sparse_decode(v, rows, cols, w, n), (_double(rows.numel()), W_dec)
+    )
     # A variable number of entries per row, with empty rows (BatchTopK codes).
     rows, cols = torch.tensor([0, 0, 2, 2, 2, 4]), torch.tensor([1, 3, 0, 1, 8, 1])
     assert gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, n), (_double(6), W_dec))
@@ -128,7 +137,7 @@ def test_gradcheck_selected_preacts() -> None:
 
 
 def test_chunked_topk_preacts_match_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sparse_ops, "_BLOCK_BYTES", 16 * 200 * 4)  # 16 rows per block
+    monkeypatch.setattr(sparse_ops, "_MAX_PRE_BYTES", 16 * 200 * 4)  # 16 rows per block
     torch.manual_seed(0)
     n, d, m, k = 70, 8, 200, 5
     x, W_enc, b_enc, b_dec = torch.randn(n, d), torch.randn(d, m), torch.randn(m), torch.randn(d)
@@ -178,6 +187,19 @@ def test_sparse_kernels_match_dense_reference(arch: str) -> None:
     assert not torch.allclose(main_only.W_dec.grad[dead], dense.W_dec.grad[dead])
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_code_output_matches_dense(arch: str) -> None:
+    torch.manual_seed(0)
+    sae = build_sae(arch, d_in=16, d_sae=96, k=4)
+    x = torch.randn(64, 16)
+    sae.init_from_data(x)
+    twin = copy.deepcopy(sae)
+    dense, sparse = sae.loss(x), twin.loss_with_sparse_code(x)
+    assert sparse.z.is_sparse and sparse.z.shape == dense.z.shape
+    assert torch.allclose(sparse.z.to_dense(), dense.z.detach())
+    assert sparse.loss.item() == pytest.approx(dense.loss.item())
+
+
 def test_init_scale_fits_the_first_reconstruction() -> None:
     data = _superposition()
     scaled = build_sae("topk", d_in=32, d_sae=128, k=4)
@@ -187,7 +209,9 @@ def test_init_scale_fits_the_first_reconstruction() -> None:
     with torch.no_grad():
         fvu_scaled, fvu_raw = fvu(data.x, scaled(data.x)).item(), fvu(data.x, raw(data.x)).item()
     assert fvu_scaled < min(1.0, fvu_raw)
-    assert torch.equal(scaled.encode(data.x) > 0, raw.encode(data.x) > 0)  # the selection is unchanged
+    assert torch.equal(
+        scaled.encode(data.x) > 0, raw.encode(data.x) > 0
+    )  # the selection is unchanged
 
 
 def test_decoder_rows_stay_unit_norm() -> None:
@@ -263,8 +287,14 @@ def test_auxk_revives_dead_latents() -> None:
     results = {}
     for coefficient in (0.0, 1 / 32):
         sae = _train(
-            data, "topk", steps=600, dead_after_tokens=50 * BATCH,
-            d_sae=512, k=4, tied_init=False, aux_coefficient=coefficient,
+            data,
+            "topk",
+            steps=600,
+            dead_after_tokens=50 * BATCH,
+            d_sae=512,
+            k=4,
+            tied_init=False,
+            aux_coefficient=coefficient,
         )
         with torch.no_grad():
             z = sae.encode(data.x)

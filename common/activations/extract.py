@@ -189,13 +189,13 @@ def extract(
     n_tokens: int | None = None,
     close: bool = True,
     progress: bool = True,
-    total_batches: int | None = None,
 ) -> ExtractionResult:
     """Run ``model`` over ``batches`` and append each site's kept tokens to ``stores[site]``.
 
     ``stores`` maps each site to an ``ActivationStoreWriter`` (``append``, ``tokens_written``,
     ``close``). ``n_tokens`` caps the tokens per site (default: all batches). ``close`` closes
-    each writer at the end (marks the store complete). Returns the tokens per site.
+    each writer at the end (marks the store complete). ``result.complete[site]`` is False when
+    the batches ran out before ``n_tokens``.
     """
     if not sites:
         raise ValueError("no sites given; e.g. sites=['resid_post.6']")
@@ -220,8 +220,8 @@ def extract(
 
     capture = _Capture(net, sites)
     bar = tqdm(
-        total=None if n_tokens is None else n_tokens * len(sites),
-        initial=sum(min(done[s], target) for s in sites),
+        total=n_tokens,  # tokens per site; the bar follows the site with the fewest
+        initial=int(min(min(done[s], target) for s in sites)),
         disable=not progress,
         unit="tok",
         desc="extract",
@@ -276,10 +276,10 @@ def extract(
                     if take > 0:
                         stores[s].append(rows[skip : skip + take])
                         done[s] += take
-                        bar.update(take)
                     if done[s] >= target:
                         finished.add(s)
                 position[s] += n
+            bar.update(int(min(min(done[s], target) for s in sites)) - bar.n)
     finally:
         capture.remove()
         bar.close()
@@ -288,7 +288,7 @@ def extract(
             if not getattr(stores[s], "complete", False) and done[s] > 0:
                 stores[s].close()
     result.tokens = dict(done)
-    result.complete = {s: done[s] >= target for s in sites}
+    result.complete = {s: n_tokens is None or done[s] >= target for s in sites}
     result.seconds = time.perf_counter() - start
     return result
 

@@ -61,3 +61,15 @@ def load_activation_file(path: str | Path, key: str | None = None) -> Tensor:
             f"{path}: unsupported activation file type {path.suffix!r}; use .npy or .safetensors"
         )
     return check_activations(x, source=str(path))
+
+
+def load_activations(path: str | Path, key: str | None = None, max_tokens: int | None = None) -> Tensor:
+    """An activation file, or the first ``max_tokens`` rows of an activation store folder."""
+    path = Path(path)
+    if path.is_dir():
+        from common.activations.store import ActivationStore
+
+        x = ActivationStore(path).tensor(max_tokens)
+        return check_activations(x, source=str(path))
+    x = load_activation_file(path, key=key)
+    return x if max_tokens is None else x[:max_tokens]

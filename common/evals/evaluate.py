@@ -24,14 +24,14 @@ from common.sae import SAE
 
 @torch.no_grad()
 def encode_decode(sae: SAE, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """``(z, x_hat)`` for all of ``x``, in eval mode, batch by batch."""
+    """``(z, x_hat)`` for all of ``x`` (raw units; ``input_scale`` applied), in eval mode."""
     was_training = sae.training
     sae.eval()
     zs, x_hats = [], []
     for chunk in x.split(batch_size):
-        z = sae.encode(chunk)
+        z = sae.encode(sae.scale_in(chunk))
         zs.append(z)
-        x_hats.append(sae.decode(z))
+        x_hats.append(sae.scale_out(sae.decode(z)))
     sae.train(was_training)
     return torch.cat(zs), torch.cat(x_hats)
 
@@ -57,7 +57,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.activations.files import load_activation_file
+    from common.activations.files import load_activation_file, load_activations
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--sae", required=True, help="folder written by SAE.save (config.json + sae.safetensors)"
     )
-    p.add_argument("--data", required=True, help="activation file (.npy / .safetensors)")
+    p.add_argument("--data", required=True, help=".npy / .safetensors file or activation store")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens")
     p.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors file")
     p.add_argument("--features-key", default=None, help="tensor with the true features (toy data)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
     args = p.parse_args(argv)
     try:
         sae = SAE.load(args.sae)
-        x = load_activation_file(args.data, key=args.key)
+        x = load_activations(args.data, key=args.key, max_tokens=args.max_tokens)
         features = (
             load_activation_file(args.data, key=args.features_key) if args.features_key else None
         )

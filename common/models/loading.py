@@ -187,6 +187,7 @@ def _load_transformers(
     name_or_path: str, *, allow_download: bool = False, name: str | None = None
 ) -> LoadedModel:
     """``from_pretrained`` for any supported transformers checkpoint (folder or hub name)."""
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
     local = Path(name_or_path).is_dir()
@@ -207,8 +208,15 @@ def _load_transformers(
             dtype=torch.float32,
             local_files_only=local_files_only,
             trust_remote_code=False,
+            use_safetensors=True,  # never unpickle a checkpoint
         )
     except OSError as err:
+        if config is not None and "safetensors" in str(err).lower():
+            raise OSError(
+                f"{name_or_path} has no safetensors weights; this repo loads weights only from "
+                "safetensors (pickle checkpoints can run code). Convert it on a trusted machine: "
+                "model.save_pretrained(folder, safe_serialization=True)."
+            ) from err
         raise OSError(_not_found_message(name_or_path, local_files_only)) from err
 
     tokenizer, preprocess = None, None
@@ -222,11 +230,16 @@ def _load_transformers(
     commit = getattr(config, "_commit_hash", None)
     if local or not commit:
         folder = Path(name_or_path) if local else Path(model.name_or_path)
-        weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+        weights = list(folder.glob("*.safetensors"))
         revision = _sha256(weights) if weights else _sha256([folder / "config.json"])
     else:
         revision = commit
-    metadata = {"source": str(name_or_path), "model_type": model_type, "weights": "fp32"}
+    metadata = {
+        "source": str(name_or_path),
+        "model_type": model_type,
+        "weights": "fp32",
+        "transformers": transformers.__version__,
+    }
     return LoadedModel(
         model=_freeze(model),
         name=name or str(name_or_path),

@@ -14,6 +14,9 @@ site               tensor                                                      h
                    FF key-value memory (paper 39); W_V = down_proj / c_proj
 =================  ==========================================================  ==============
 
+``hidden_states[L + 1]`` means transformers' ``output_hidden_states=True``; for the last block of
+a pre-LN model that entry is after the final norm, while ``resid_post`` is before it.
+
 CNN (EfficientNet): ``block.L`` is the output of MBConv block L and ``features`` the final
 1280-channel feature map (after the head conv, BN and activation). Each spatial position is a
 token: (B, C, H, W) -> (B*H*W, C), see ``tokens_from``.

@@ -38,12 +38,20 @@ class SAEConfig:
     d_in: int
     d_sae: int
     seed: int = 0
+    # The SAE works on ``x * input_scale``. The trainer sets it when asked to normalise activations
+    # so that E||x * input_scale|| = sqrt(d_in) (as SAELens's "expected_average_only_in"), which
+    # makes sparsity coefficients comparable across models and sites. ``evaluate`` and the
+    # downstream splice apply it; see ``SAE.scale_in`` / ``SAE.scale_out``.
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SAE config: `{name}` must be a positive integer, got {value!r}")
+        scale = self.input_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"SAE config: `input_scale` must be a positive number, got {scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +99,14 @@ class SAE(nn.Module):
 
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
         raise NotImplementedError
+
+    def scale_in(self, x: Tensor) -> Tensor:
+        """Raw activations -> the units the SAE was trained in (``x * input_scale``)."""
+        return x if self.cfg.input_scale == 1.0 else x * self.cfg.input_scale
+
+    def scale_out(self, x_hat: Tensor) -> Tensor:
+        """A reconstruction in the SAE's units -> raw activation units."""
+        return x_hat if self.cfg.input_scale == 1.0 else x_hat / self.cfg.input_scale
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

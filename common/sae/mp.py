@@ -13,7 +13,9 @@ learns ``W_dec`` and ``b_dec``, with gradients flowing through the unrolled purs
 choice is piecewise constant; the coefficients c_t and residuals are differentiable).
 Each step selects the atom that best explains what the previous atoms left over, so later atoms
 are conditioned on earlier ones (the "residual-guided" encoder that captures hierarchical and
-correlated features). An atom may be picked more than once; its coefficients add up.
+correlated features). An atom may be picked more than once; its coefficients add up. Codes are
+kept nonnegative like every other SAE here (the ``overcomplete`` reference code adds the signed
+max, which is the same whenever some atom has a positive score).
 
 Efficiency (the pursuit is k sequential steps, so it needs care at batch 4096):
 1. the atom choices are found without autograd, tracking the scores s = r W_dec^T through the

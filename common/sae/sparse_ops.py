@@ -17,8 +17,8 @@ that latent ``cols[e]`` has value ``vals[e]`` on token ``rows[e]``. A per-token 
 
 Both backward passes need sums "grouped by latent" (dW[c] = sum over entries with cols = c); they
 are computed with ``F.embedding_bag`` over the entries sorted by latent, which never materialises
-an E x d tensor. ``topk_preacts`` computes the dense pre-activations in row chunks that stay in
-cache and keeps only the selected entries, so the N x M matrix is never held whole.
+an E x d tensor. ``topk_preacts`` computes the dense pre-activations into a reused workspace
+and keeps only the selected entries.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Work in blocks of about this many bytes, so that intermediates stay in the last-level cache.
+# Gathered blocks of about this many bytes stay in the last-level cache.
 _BLOCK_BYTES = 8 * 2**20
+# The dense pre-activations are computed in one matmul up to this size (splitting the batch into
+# smaller blocks makes the matmul itself slower), in blocks of rows beyond it.
+_MAX_PRE_BYTES = 2**30
 
 
 def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
-    """Start of each row's entries in ``rows`` (sorted ascending): CSR row pointers, shape (n_rows,)."""
+    """Start of each row's entries in ``rows`` (sorted ascending): CSR row pointers (n_rows,)."""
     counts = torch.bincount(rows, minlength=n_rows)
     return counts.cumsum(0) - counts
 
@@ -54,14 +57,22 @@ def sum_by_col(rows_of: Tensor, rows: Tensor, cols: Tensor, coef: Tensor, n_cols
 
 
 def gather_dot(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """out_e = <a[rows_e], b[cols_e]>, shape (E,), in blocks that never hold an E x d tensor."""
-    n = rows.numel()
-    out = a.new_empty(n)
-    block = max(64, _BLOCK_BYTES // (8 * max(1, a.shape[1]) * a.element_size()))
-    for start in range(0, n, block):
-        sl = slice(start, start + block)
-        out[sl] = torch.linalg.vecdot(a.index_select(0, rows[sl]), b.index_select(0, cols[sl]))
-    return out
+    """out_e = <a[rows_e], b[cols_e]>, shape (E,), without materialising an E x d tensor.
+
+    This is exactly the per-sample-weight gradient of an embedding bag, for which PyTorch has a
+    fused loop (``offset2bag`` = rows); if that private op is missing, blocks of E are gathered.
+    """
+    try:
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            a, b, cols, row_offsets(rows, a.shape[0]), rows, 0
+        )
+    except (AttributeError, RuntimeError):  # pragma: no cover - other PyTorch versions
+        out = a.new_empty(rows.numel())
+        block = max(64, _BLOCK_BYTES // (8 * max(1, a.shape[1]) * a.element_size()))
+        for start in range(0, rows.numel(), block):
+            sl = slice(start, start + block)
+            out[sl] = torch.linalg.vecdot(a.index_select(0, rows[sl]), b.index_select(0, cols[sl]))
+        return out
 
 
 class SparseDecode(torch.autograd.Function):
@@ -164,6 +175,19 @@ def selected_preacts(
     return SelectedPreacts.apply(x, W_enc, b_enc, b_dec, rows, cols, vals)
 
 
+class Workspace:
+    """A scratch buffer reused across calls, grown on demand (never returned to callers)."""
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+
+    def get(self, numel: int, like: Tensor) -> Tensor:
+        b = self.buffer
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            self.buffer = b = like.new_empty(numel)
+        return b[:numel]
+
+
 @torch.no_grad()
 def topk_preacts(
     x: Tensor,
@@ -173,6 +197,7 @@ def topk_preacts(
     k: int,
     aux_latents: Tensor | None = None,
     k_aux: int = 0,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Per token, the k largest pre-activations pre = (x - b_dec) W_enc + b_enc (Gao et al.).
 
@@ -180,22 +205,25 @@ def topk_preacts(
     ``k_aux > 0`` are given, ``(aux_vals, aux_idx)`` of shape (N, min(k_aux, #dead)): the largest
     pre-activations among those latents (for the AuxK loss). Values are not ReLU'd.
 
-    The dense pre-activations are computed a block of rows at a time into one reused buffer, so
-    the TopK reads them from cache and the N x M matrix is never allocated.
+    The N x M pre-activations are written into ``workspace``, which the caller keeps between steps
+    (allocating hundreds of MB afresh every step costs page faults), a block of rows at a time if
+    they would exceed ``_MAX_PRE_BYTES``. They never leave this function.
     """
     x_c = x - b_dec
     n, m = x_c.shape[0], W_enc.shape[1]
-    rows_per_block = max(16, _BLOCK_BYTES // (m * x_c.element_size()))
-    buf = x_c.new_empty(min(n, rows_per_block), m)
-    vals, idx = x_c.new_empty(n, k), torch.empty(n, k, dtype=torch.long)
+    rows_per_block = max(1, min(n, _MAX_PRE_BYTES // (m * x_c.element_size())))
+    buf = (workspace or Workspace()).get(rows_per_block * m, x_c)
+    vals, idx = x_c.new_empty(n, k), torch.empty(n, k, dtype=torch.long, device=x_c.device)
     aux_vals = aux_idx = None
     if aux_latents is not None and aux_latents.numel() > 0 and k_aux > 0:
         k_aux = min(k_aux, aux_latents.numel())
-        aux_vals, aux_idx = x_c.new_empty(n, k_aux), torch.empty(n, k_aux, dtype=torch.long)
+        aux_vals = x_c.new_empty(n, k_aux)
+        aux_idx = torch.empty(n, k_aux, dtype=torch.long, device=x_c.device)
     for start in range(0, n, rows_per_block):
         sl = slice(start, start + rows_per_block)
-        pre = torch.addmm(b_enc, x_c[sl], W_enc, out=buf[: x_c[sl].shape[0]])
-        torch.topk(pre, k, dim=1, sorted=False, out=(vals[sl], idx[sl]))
+        block = x_c[sl]
+        pre = torch.addmm(b_enc, block, W_enc, out=buf[: block.shape[0] * m].view(-1, m))
+        vals[sl], idx[sl] = pre.topk(k, dim=1, sorted=False)
         if aux_vals is not None and aux_idx is not None and aux_latents is not None:
             v, j = pre.index_select(1, aux_latents).topk(k_aux, dim=1, sorted=False)
             aux_vals[sl], aux_idx[sl] = v, aux_latents[j]

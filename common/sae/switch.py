@@ -2,7 +2,7 @@
 
     p(x)   = softmax(W_router^T (x - b_router))                      (n_experts probabilities)
     e(x)   = argmax_i p_i(x)                                         (the one expert that runs)
-    a(x)   = TopK(W_enc[:, S_e]^T (x - b_dec))                       (S_e: the expert's latent slice)
+    a(x)   = TopK(W_enc[:, S_e]^T (x - b_dec))                       (S_e: expert e's latents)
     x_hat  = p_e(x) * W_dec[S_e]^T a(x) + b_dec
     L      = ||x - x_hat||^2 + alpha * d_in * N * sum_i f_i P_i
 
@@ -26,6 +26,7 @@ the authors' code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,7 @@ from common.sae.base import (
     unit_norm_rows_,
 )
 from common.sae.registry import register
+from common.sae.sparse_ops import sparse_decode
 
 
 @dataclass
@@ -54,7 +56,9 @@ class SwitchConfig(SAEConfig):
         for name in ("n_experts", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"switch config: `{name}` must be a positive integer, got {value!r}")
+                raise ValueError(
+                    f"switch config: `{name}` must be a positive integer, got {value!r}"
+                )
         if self.d_sae % self.n_experts != 0:
             raise ValueError(
                 f"switch config: `d_sae` ({self.d_sae}) must be divisible by `n_experts` "
@@ -72,8 +76,7 @@ class SwitchConfig(SAEConfig):
             )
 
 
-@dataclass
-class Routed:
+class Routed(NamedTuple):
     """One forward pass of the sparse computation: who went where, and the k active latents."""
 
     probs: Tensor  # (batch, n_experts) router softmax
@@ -110,23 +113,26 @@ class SwitchSAE(SAE):
         return torch.softmax((x - self.b_router) @ self.W_router, dim=-1)
 
     def route(self, x: Tensor) -> Routed:
-        """Route every token to its argmax expert and run only that expert's TopK encoder."""
+        """Route every token to its argmax expert and run only that expert's TopK encoder.
+
+        Tokens are sorted by expert once, so each expert encodes one contiguous block.
+        """
         probs = self.router_probs(x)
         p_top, expert = probs.max(dim=-1)
-        centered = x - self.b_dec
-        k = self.cfg.k
-        top_values = x.new_zeros(x.shape[0], k)
-        top_indices = torch.zeros(x.shape[0], k, dtype=torch.long, device=x.device)
-        for i in range(self.cfg.n_experts):
-            rows = (expert == i).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.cfg.n_experts).tolist()
+        blocks = (x - self.b_dec)[order].split(counts)
+        values, indices = [], []
+        for i, block in enumerate(blocks):
             start = i * self.expert_width
-            pre = centered[rows] @ self.W_enc[:, start : start + self.expert_width]
-            values, local = torch.relu(pre).topk(k, dim=-1, sorted=False)
-            top_values = top_values.index_copy(0, rows, values * p_top[rows, None])
-            top_indices = top_indices.index_copy(0, rows, local + start)
-        return Routed(probs=probs, expert=expert, top_values=top_values, top_indices=top_indices)
+            pre = block @ self.W_enc[:, start : start + self.expert_width]
+            v, j = torch.relu(pre).topk(self.cfg.k, dim=-1, sorted=False)
+            values.append(v)
+            indices.append(j + start)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=x.device)
+        top_values = torch.cat(values)[inverse] * p_top[:, None]
+        return Routed(probs, expert, top_values, torch.cat(indices)[inverse])
 
     def _dense(self, routed: Routed) -> Tensor:
         z = routed.top_values.new_zeros(routed.top_values.shape[0], self.cfg.d_sae)
@@ -134,8 +140,10 @@ class SwitchSAE(SAE):
 
     def _sparse_decode(self, routed: Routed) -> Tensor:
         """x_hat = sum_j value_j * W_dec[index_j] + b_dec: k rows per token, not d_sae."""
-        rows = self.W_dec[routed.top_indices]  # (batch, k, d_in)
-        return torch.einsum("bk,bkd->bd", routed.top_values, rows) + self.b_dec
+        n, k = routed.top_indices.shape
+        rows = torch.arange(n, device=routed.top_indices.device).repeat_interleave(k)
+        flat = routed.top_values.flatten()
+        return sparse_decode(flat, rows, routed.top_indices.flatten(), self.W_dec, n) + self.b_dec
 
     def encode(self, x: Tensor) -> Tensor:
         return self._dense(self.route(x))
@@ -165,7 +173,8 @@ class SwitchSAE(SAE):
             "max_expert_share": share.max().item(),
             "fvu": fvu(x, x_hat).item(),
         }
-        return LossOutput(loss=loss, x_hat=x_hat, z=self._dense(routed), terms=terms)
+        z = self._dense(routed._replace(top_values=routed.top_values.detach()))
+        return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
 
     @torch.no_grad()
     def before_step(self) -> None:

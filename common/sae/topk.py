@@ -50,7 +50,7 @@ from common.sae.base import (
     unit_norm_rows_,
 )
 from common.sae.registry import register
-from common.sae.sparse_ops import selected_preacts, sparse_decode, topk_preacts
+from common.sae.sparse_ops import Workspace, selected_preacts, sparse_decode, topk_preacts
 from common.sae.sparsity import batch_topk_activation, topk_activation
 
 
@@ -132,6 +132,7 @@ class TopKSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self._workspace = Workspace()  # scratch for the dense pre-activations of a training batch
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
@@ -168,7 +169,14 @@ class TopKSAE(SAE):
     def select(self, x: Tensor, dead: Tensor | None) -> tuple[Selection, Selection | None]:
         """Entries of the code (and of the AuxK code if ``dead`` latent indices are given)."""
         vals, idx, aux_vals, aux_idx = topk_preacts(
-            x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, dead, self.cfg.k_aux or 0
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.b_dec,
+            self.cfg.k,
+            dead,
+            self.cfg.k_aux or 0,
+            workspace=self._workspace,
         )
         aux = _per_row(aux_vals, aux_idx) if aux_vals is not None and aux_idx is not None else None
         return _per_row(vals, idx), aux
@@ -178,8 +186,9 @@ class TopKSAE(SAE):
         pre = selected_preacts(x, self.W_enc, self.b_enc, self.b_dec, sel.rows, sel.cols, sel.vals)
         return torch.relu(pre)
 
-    def _codes_sparse(self, x: Tensor, dead: Tensor | None) -> Codes:
-        """The training forward pass through the sparse kernels."""
+    def _codes_sparse(self, x: Tensor, dead: Tensor | None, dense_z: bool = True) -> Codes:
+        """The training forward pass through the sparse kernels (``z`` sparse COO if not
+        ``dense_z``)."""
         n = x.shape[0]
         with torch.no_grad():
             sel, aux = self.select(x, dead)
@@ -189,10 +198,14 @@ class TopKSAE(SAE):
         if aux is not None:
             e_hat = sparse_decode(self._sparse_code(x, aux), aux.rows, aux.cols, self.W_dec, n)
         kept = vals.detach()
-        z = x.new_zeros(n, self.cfg.d_sae).index_put_((sel.rows, sel.cols), kept)
+        if dense_z:
+            z = x.new_zeros(n, self.cfg.d_sae).index_put_((sel.rows, sel.cols), kept)
+        else:
+            indices = torch.stack([sel.rows, sel.cols])
+            z = torch.sparse_coo_tensor(indices, kept, (n, self.cfg.d_sae), check_invariants=False)
         return Codes(z, x_hat, e_hat, kept)
 
-    def _codes_dense(self, x: Tensor, dead: Tensor | None) -> Codes:
+    def _codes_dense(self, x: Tensor, dead: Tensor | None, dense_z: bool = True) -> Codes:
         """The dense reference: same values and gradients as ``_codes_sparse``, O(B M d) cost."""
         pre = self.pre_activations(x)
         z = self.activation(pre)
@@ -204,7 +217,8 @@ class TopKSAE(SAE):
                 (aux.rows, aux.cols), torch.relu(pre[aux.rows, aux.cols])
             )
             e_hat = z_aux @ self.W_dec
-        return Codes(z, x_hat, e_hat, z.detach()[z.detach() > 0])
+        kept = z.detach()[z.detach() > 0]
+        return Codes(z if dense_z else z.detach().to_sparse(), x_hat, e_hat, kept)
 
     def aux_loss(self, e: Tensor, e_hat: Tensor) -> Tensor:
         """L_aux = ||e - e_hat||^2 / ||e - mean e||^2 (or per-token ||e - e_hat||^2)."""
@@ -213,16 +227,23 @@ class TopKSAE(SAE):
         return reconstruction_mse(e, e_hat)
 
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
-        return self._train_loss(x, ctx)[0]
+        return self._train_loss(x, ctx, dense_z=True)[0]
 
-    def _train_loss(self, x: Tensor, ctx: TrainContext | None) -> tuple[LossOutput, Codes]:
+    def loss_with_sparse_code(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        """``loss`` with ``z`` as a sparse COO tensor (its B*k entries): a trainer that reads
+        firing and L0 from ``z.indices()`` is spared building and scanning a B x d_sae matrix."""
+        return self._train_loss(x, ctx, dense_z=False)[0]
+
+    def _train_loss(
+        self, x: Tensor, ctx: TrainContext | None, dense_z: bool
+    ) -> tuple[LossOutput, Codes | None]:
         ctx = ctx or TrainContext()
         dead = None
         if ctx.dead_mask is not None and self.cfg.aux_coefficient > 0:
             dead = ctx.dead_mask.nonzero().squeeze(1)
             dead = dead if dead.numel() > 0 else None
         codes = self._codes_sparse if self.cfg.sparse_kernels else self._codes_dense
-        out = codes(x, dead)
+        out = codes(x, dead, dense_z)
         x_hat, e_hat = out.x_hat, out.e_hat
         mse = reconstruction_mse(x, x_hat)
         loss, terms = mse, {"mse": mse.item()}
@@ -277,7 +298,9 @@ class BatchTopKSAE(TopKSAE):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def select(self, x: Tensor, dead: Tensor | None) -> tuple[Selection, Selection | None]:
-        pre = self.pre_activations(x)
+        n, m = x.shape[0], self.cfg.d_sae
+        pre = self._workspace.get(n * m, x).view(n, m)
+        torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=pre)
         n_keep = min(self.cfg.k * pre.shape[0], pre.numel())
         flat = pre.flatten().topk(n_keep, sorted=False).indices.sort().values
         rows, cols = flat.div(pre.shape[1], rounding_mode="floor"), flat.remainder(pre.shape[1])
@@ -294,13 +317,18 @@ class BatchTopKSAE(TopKSAE):
         rate = max(self.cfg.threshold_lr, 1.0 / self.threshold_updates.item())
         self.threshold += rate * (positive.min().double() - self.threshold)
 
-    def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+    def _train_loss(
+        self, x: Tensor, ctx: TrainContext | None, dense_z: bool
+    ) -> tuple[LossOutput, Codes | None]:
         if not self.training:  # inference encoding; no AuxK, no threshold update
             z = self.encode(x)
             x_hat = self.decode(z)
             mse = reconstruction_mse(x, x_hat)
-            return LossOutput(mse, x_hat, z, {"mse": mse.item(), "fvu": fvu(x, x_hat).item()})
-        out, codes = self._train_loss(x, ctx)
-        self.update_threshold(codes.kept)
+            z = z if dense_z else z.detach().to_sparse()
+            terms = {"mse": mse.item(), "fvu": fvu(x, x_hat).item()}
+            return LossOutput(mse, x_hat, z, terms), None
+        out, codes = super()._train_loss(x, ctx, dense_z)
+        if codes is not None:
+            self.update_threshold(codes.kept)
         out.terms["threshold"] = self.threshold.item()
-        return out
+        return out, codes

@@ -1,0 +1,904 @@
+"""A small text-to-image diffusion model that trains offline, its sampler and its hook sites.
+
+No diffusion weights ship offline, so papers 17 (SAeUron) and 37 (one-step SAEs on SDXL Turbo) use
+a stand-in for Stable Diffusion that has the same parts: a diffusers ``UNet2DConditionModel`` with
+cross-attention transformer blocks over text-encoder token embeddings, the DDPM training loss, and
+DDIM sampling with classifier-free guidance. It draws 16x16 Fashion-MNIST clothes from captions
+such as "a photo of a sneaker"; ``common.models.classifier`` scores what it draws.
+
+* Text: captions -> all-MiniLM-L6-v2 token embeddings c in R^{T x 384} (last hidden state, padded to
+  ``max_tokens`` with an attention mask), cached per caption (``CaptionEncoder``). The empty
+  caption "" is the unconditional input of classifier-free guidance, as in Stable Diffusion.
+* Noise schedule: Stable Diffusion's (``scaled_linear``, beta from 0.00085 to 0.012, 1000 steps),
+  epsilon prediction, pixels scaled to [-1, 1].
+* Training (Ho et al., 2020), with the caption dropped for a fraction ``p_uncond`` of images
+  (Ho & Salimans, 2022)::
+
+      x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   L = E ||eps - eps_theta(x_t, t, c)||^2
+
+* Sampling: DDIM (Song et al., 2021; eta = 0 is deterministic) with ``trailing`` timestep spacing,
+  so 1-4 step sampling starts at t = 999 as SDXL Turbo does (paper 37), and guidance
+  eps = eps_theta(x_t, t, "") + w (eps_theta(x_t, t, c) - eps_theta(x_t, t, "")).
+
+Hook sites (the same names work on Stable Diffusion's UNet): ``unet.<module path>`` of every
+cross-attention ``Transformer2DModel``, e.g. ``unet.up_blocks.1.attentions.0``. The activation is
+the block's *residual update* (paper 37)::
+
+    delta = Transformer2DModel(h) - h        (B, C, H, W)
+
+where h is the block's input feature map (the output of the ResNet block before it) and the output
+already includes the block's internal skip connection (output = proj_out(transformer(proj_in(
+norm(h)))) + h). Each spatial position of each image at each denoising step is one token
+(B*H*W, C), recorded with its timestep (papers 17 and 37). ``capture_sites`` records them;
+``replace_site`` swaps delta for f(delta, t) (SAE reconstructions, edited codes).
+
+Command line::
+
+    python -m common.models.diffusion train --out runs/diffusion --steps 1200 --seed 0 \
+        --metrics metrics/diffusion.json
+    python -m common.models.diffusion sample --model runs/diffusion --classifier runs/classifier \
+        --per-class 16 --steps 50 4 1 --out figures/diffusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, Transformer2DModel, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from common.models.loading import LoadedModel, load_model
+from common.models.sites import tokens_from
+
+CAPTION_TEMPLATES = (
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a {} on a plain background",
+)
+TEXT_ENCODER = "minilm-l6"
+UNET_DIR, SCHEDULER_DIR, CHECKPOINT_FILE, MODEL_CARD = (
+    "unet",
+    "scheduler",
+    "checkpoint.safetensors",
+    "diffusion.json",
+)
+SITE_PREFIX = "unet."
+
+
+# --- text conditioning ---------------------------------------------------------------------------
+class CaptionEncoder:
+    """Captions -> MiniLM token embeddings c (T x 384, last hidden state) and attention mask m.
+
+    Every caption is padded to ``max_tokens`` tokens ([CLS] ... [SEP] [PAD]...); m marks the real
+    tokens, and cross-attention ignores the padding. Embeddings are computed once per caption and
+    cached. MiniLM is loaded on first use unless ``text_model`` is given.
+    """
+
+    def __init__(self, text_model: LoadedModel | None = None, max_tokens: int = 16) -> None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2 ([CLS] and [SEP]), got {max_tokens}")
+        self._text_model = text_model
+        self.max_tokens = max_tokens
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def text_model(self) -> LoadedModel:
+        if self._text_model is None:
+            self._text_model = load_model(TEXT_ENCODER)
+        return self._text_model
+
+    @property
+    def revision(self) -> str:
+        return self.text_model.revision
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_model.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(len(captions), max_tokens, 384) embeddings and a (len(captions), max_tokens) mask."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"captions must be a list of strings, got {captions!r}")
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            tokenizer, model = self.text_model.tokenizer, self.text_model.model
+            lengths = [len(ids) for ids in tokenizer(missing)["input_ids"]]
+            too_long = [c for c, n in zip(missing, lengths) if n > self.max_tokens]
+            if too_long:
+                raise ValueError(
+                    f"captions longer than max_tokens={self.max_tokens} tokens: {too_long}; "
+                    "shorten them or build the model with a larger max_tokens"
+                )
+            batch = tokenizer(
+                missing, padding="max_length", max_length=self.max_tokens, return_tensors="pt"
+            )
+            hidden = model(**batch).last_hidden_state.float()
+            for i, caption in enumerate(missing):
+                self._cache[caption] = (hidden[i].clone(), batch["attention_mask"][i].float())
+        emb = torch.stack([self._cache[c][0] for c in captions])
+        mask = torch.stack([self._cache[c][1] for c in captions])
+        return emb, mask
+
+
+# --- the model ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UNetConfig:
+    """A small ``UNet2DConditionModel``: one resolution level per entry of ``channels``.
+
+    The first (full-resolution) level has plain ResNet blocks, the others ResNet + cross-attention
+    transformer blocks, each level halving the resolution; ``heads`` attention heads per block.
+    """
+
+    image_size: int = 16
+    channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
+    heads: int = 4
+    norm_groups: int = 8
+    cross_attention_dim: int = 384
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if len(self.channels) < 2:
+            raise ValueError(f"need >= 2 levels (one with cross-attention), got {self.channels}")
+        bad = [c for c in self.channels if c % self.norm_groups or c % self.heads]
+        if bad:
+            raise ValueError(
+                f"channels {bad} are not divisible by norm_groups={self.norm_groups} and "
+                f"heads={self.heads}; pick multiples of both"
+            )
+        if self.image_size % 2 ** (len(self.channels) - 1):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2^{len(self.channels) - 1}"
+            )
+
+
+def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
+    """The diffusers U-Net of ``cfg`` (1 input/output channel), randomly initialised."""
+    n = len(cfg.channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=cfg.channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.cross_attention_dim,
+        # diffusers' historical naming: ``attention_head_dim`` here sets the number of heads.
+        attention_head_dim=cfg.heads,
+        norm_num_groups=cfg.norm_groups,
+    )
+
+
+def noise_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """Stable Diffusion's schedule: beta_t on a line in sqrt-space from 0.00085 to 0.012."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+
+
+@dataclass
+class DiffusionModel:
+    """A U-Net, its training noise schedule, the caption encoder and the class vocabulary."""
+
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    encoder: CaptionEncoder
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...] = CAPTION_TEMPLATES
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    def caption(self, class_id: int, template: int = 0) -> str:
+        """``templates[template]`` filled with the class name, e.g. "a photo of a sneaker"."""
+        return self.templates[template].format(self.class_names[class_id])
+
+    def save(self, folder: str | Path) -> None:
+        """``unet/`` and ``scheduler/`` as diffusers folders (safetensors) + ``diffusion.json``."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        self.scheduler.save_pretrained(folder / SCHEDULER_DIR)
+        card = {
+            "class_names": list(self.class_names),
+            "templates": list(self.templates),
+            "text_encoder": TEXT_ENCODER,
+            "text_encoder_revision": self.encoder.revision,
+            "max_tokens": self.encoder.max_tokens,
+            **self.metadata,
+        }
+        (folder / MODEL_CARD).write_text(json.dumps(card, indent=1) + "\n")
+
+
+def load_diffusion(folder: str | Path, encoder: CaptionEncoder | None = None) -> DiffusionModel:
+    """Load a folder written by ``DiffusionModel.save`` (safetensors only), frozen, eval mode."""
+    folder = Path(folder)
+    card_path = folder / MODEL_CARD
+    if not card_path.is_file() or not (folder / UNET_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a trained diffusion model (no {MODEL_CARD} or {UNET_DIR}/); train "
+            f"one with `python -m common.models.diffusion train --out {folder}`"
+        )
+    card = json.loads(card_path.read_text())
+    unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR, use_safetensors=True)
+    unet.eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(folder / SCHEDULER_DIR)
+    encoder = encoder or CaptionEncoder(max_tokens=card["max_tokens"])
+    if encoder.max_tokens != card["max_tokens"]:
+        raise ValueError(
+            f"encoder pads to {encoder.max_tokens} tokens but the model was trained with "
+            f"{card['max_tokens']}; pass CaptionEncoder(max_tokens={card['max_tokens']})"
+        )
+    if encoder.revision != card["text_encoder_revision"]:
+        raise ValueError(
+            f"{folder} was trained on {card['text_encoder']} revision "
+            f"{card['text_encoder_revision'][:12]}, but the installed one is "
+            f"{encoder.revision[:12]}: the caption embeddings differ; retrain the model"
+        )
+    keys = ("class_names", "templates", "text_encoder", "text_encoder_revision", "max_tokens")
+    return DiffusionModel(
+        unet=unet,
+        scheduler=scheduler,
+        encoder=encoder,
+        class_names=tuple(card["class_names"]),
+        templates=tuple(card["templates"]),
+        metadata={k: v for k, v in card.items() if k not in keys},
+    )
+
+
+# --- training -------------------------------------------------------------------------------------
+@dataclass
+class DiffusionTrainConfig:
+    """Budget and optimiser of ``train_diffusion`` (AdamW, warm-up then cosine decay, EMA)."""
+
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    p_uncond: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"`p_uncond` must be in [0, 1), got {self.p_uncond}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}")
+
+
+def lr_at(step: int, cfg: DiffusionTrainConfig) -> float:
+    """lr * min(1, (t+1)/warmup) * (1 + cos(pi * progress)) / 2, progress over the post-warmup."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, max(0, step - cfg.warmup_steps) / span)
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
+    """theta_ema <- d theta_ema + (1 - d) theta with d = min(decay, (1 + t) / (10 + t))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - d)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """Everything random in step t (batch, captions, dropout, t, noise) comes from (seed, t)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _save_checkpoint(
+    path: Path,
+    unet: nn.Module,
+    ema: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    run: dict[str, Any],
+) -> None:
+    """Raw and EMA weights, AdamW moments, the step and the run's configs, written atomically."""
+    tensors = {f"model::{k}": v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    tensors |= {f"ema::{k}": v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+    for name, p in unet.named_parameters():
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt::{name}::{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "run": json.dumps(run)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(
+    path: Path, unet: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, run: dict[str, Any]
+) -> int:
+    """Restore a checkpoint written by the same run configuration; return its step."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["run"])
+    if saved != run:
+        diff = {k: (saved.get(k), run.get(k)) for k in run if saved.get(k) != run.get(k)}
+        raise ValueError(
+            f"{path} was written by a run with other settings (saved, now): {diff}; pass "
+            "--no-resume (resume=False) to start afresh, or use another --out"
+        )
+    device = next(unet.parameters()).device
+    tensors = load_file(str(path), device=str(device))
+
+    def part(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    unet.load_state_dict(part("model::"))
+    ema.load_state_dict(part("ema::"))
+    moments = part("opt::")
+    for name, p in unet.named_parameters():
+        state = {k.split("::")[1]: v for k, v in moments.items() if k.split("::")[0] == name}
+        if state:
+            opt.state[p] = state
+    return int(meta["step"])
+
+
+def train_diffusion(
+    images: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    unet_cfg: UNetConfig | None = None,
+    cfg: DiffusionTrainConfig | None = None,
+    encoder: CaptionEncoder | None = None,
+    templates: Sequence[str] = CAPTION_TEMPLATES,
+    resume: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[DiffusionModel, dict[str, Any]]:
+    """Train eps_theta with the DDPM loss (module docstring) on ``images`` (N, 1, S, S) in [0, 1].
+
+    Image i is captioned with a random template of class ``labels[i]``, or with "" with
+    probability ``p_uncond``. Batches are drawn with replacement. The returned model (saved to
+    ``out_dir``) holds the EMA weights. ``out_dir/checkpoint.safetensors`` (raw and EMA weights,
+    AdamW moments, step) lets a stopped run resume to the same result; ``stop_after`` stops
+    early with a checkpoint (to test that). A checkpoint from other settings is refused.
+    """
+    unet_cfg, cfg = unet_cfg or UNetConfig(), cfg or DiffusionTrainConfig()
+    encoder = encoder or CaptionEncoder()
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] != unet_cfg.image_size:
+        raise ValueError(
+            f"images must be (N, 1, {unet_cfg.image_size}, {unet_cfg.image_size}) in [0, 1], got "
+            f"{tuple(images.shape)}; resize with common.data.images.resize"
+        )
+    if len(labels) != len(images) or int(labels.max()) >= len(class_names):
+        raise ValueError("labels must have one entry per image, each < len(class_names)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x0_all = images.float() * 2 - 1  # [0, 1] -> [-1, 1]
+
+    # Caption bank: (classes, templates, T, D) and the unconditional "" embedding.
+    n_cls, n_tmpl = len(class_names), len(templates)
+    captions = [t.format(c) for c in class_names for t in templates]
+    emb, mask = encoder(captions)
+    emb = emb.view(n_cls, n_tmpl, *emb.shape[1:])
+    mask = mask.view(n_cls, n_tmpl, -1)
+    null_emb, null_mask = encoder([""])
+
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(unet_cfg).to(device)
+    ema = build_unet(unet_cfg).to(device)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    scheduler = noise_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = {  # compared with the checkpoint's copy after a JSON round trip
+        "unet_config": asdict(unet_cfg),
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"},
+        "class_names": list(class_names),
+        "templates": list(templates),
+        "n_train_images": len(images),
+        "text_encoder_revision": encoder.revision,
+    }
+    run = json.loads(json.dumps(run))
+    ckpt = out_dir / CHECKPOINT_FILE
+    start = _load_checkpoint(ckpt, unet, ema, opt, run) if resume and ckpt.is_file() else 0
+
+    losses: list[float] = []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    unet.train()
+    bar = tqdm(
+        range(start, end), desc="diffusion", disable=not progress, initial=start, total=cfg.steps
+    )
+    for step in bar:
+        g = _step_generator(cfg.seed, step)
+        idx = torch.randint(len(x0_all), (cfg.batch_size,), generator=g)
+        tmpl = torch.randint(n_tmpl, (cfg.batch_size,), generator=g)
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
+        t = torch.randint(scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        x0 = x0_all[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        cond = emb[labels[idx], tmpl]
+        cond_mask = mask[labels[idx], tmpl]
+        cond[drop], cond_mask[drop] = null_emb[0], null_mask[0]
+
+        x_t = scheduler.add_noise(x0, noise, t)
+        x_t, t, cond, cond_mask, noise = (v.to(device) for v in (x_t, t, cond, cond_mask, noise))
+        pred = unet(x_t, t, cond, encoder_attention_mask=cond_mask).sample
+        loss = nn.functional.mse_loss(pred, noise)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr}). The last "
+                f"checkpoint ({ckpt}) is intact."
+            )
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update_(ema, unet, step, cfg.ema_decay)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            _save_checkpoint(ckpt, unet, ema, opt, step + 1, run)
+
+    ema.eval()
+    n = min(100, len(losses))
+    metrics: dict[str, Any] = {
+        "steps": cfg.steps,
+        "steps_this_run": end - start,
+        "batch_size": cfg.batch_size,
+        "n_train_images": len(images),
+        "n_params": sum(p.numel() for p in unet.parameters()),
+        "wall_s": round(time.perf_counter() - wall0, 1),
+        "cpu_s": round(time.process_time() - cpu0, 1),
+        "torch_threads": torch.get_num_threads(),
+        "loss_first_100": sum(losses[:n]) / n if n else None,
+        "loss_last_100": sum(losses[-n:]) / n if n else None,
+        "loss_curve": [
+            sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)
+        ],
+    }
+    model = DiffusionModel(
+        unet=ema,
+        scheduler=scheduler,
+        encoder=encoder,
+        class_names=tuple(class_names),
+        templates=tuple(templates),
+        metadata={
+            "unet_config": asdict(unet_cfg),
+            "train_config": asdict(cfg),
+            "train_metrics": {k: v for k, v in metrics.items() if k != "loss_curve"},
+        },
+    )
+    if end == cfg.steps:
+        model.save(out_dir)
+    return model, metrics
+
+
+# --- sampling -------------------------------------------------------------------------------------
+def ddim_scheduler(model: DiffusionModel) -> DDIMScheduler:
+    """DDIM over the training schedule; ``trailing`` spacing so any step count starts at t=T-1."""
+    return DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing")
+
+
+@torch.no_grad()
+def sample(
+    model: DiffusionModel,
+    captions: Sequence[str],
+    *,
+    num_steps: int = 50,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> Tensor:
+    """Images (N, 1, S, S) in [0, 1] (on the CPU) for N captions: DDIM (eta=0) with guidance.
+
+    ``guidance_scale`` w > 1 runs the U-Net on [unconditional; conditional] rows in one batch
+    (rows 0..n-1 use "", rows n..2n-1 the captions: see ``capture_sites``); w = 1 runs the
+    conditional rows only. The initial noise of all N images is drawn first from ``seed``, so
+    results do not depend on ``batch_size``. ``callback(step_index, t, x_t)`` is called after
+    each step of each batch; hooks from ``capture_sites`` / ``replace_site`` see every U-Net call.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if guidance_scale < 1:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+    unet = model.unet.eval()
+    device = next(unet.parameters()).device
+    size = model.image_size
+    noise = torch.randn(len(captions), 1, size, size, generator=torch.Generator().manual_seed(seed))
+    cond_all, cond_mask_all = (v.to(device) for v in model.encoder(list(captions)))
+    null, null_mask = (v.to(device) for v in model.encoder([""]))
+    use_cfg = guidance_scale > 1
+    out = []
+    for lo in range(0, len(captions), batch_size):
+        x = noise[lo : lo + batch_size].to(device)
+        n = len(x)
+        cond, cond_mask = cond_all[lo : lo + n], cond_mask_all[lo : lo + n]
+        if use_cfg:
+            cond = torch.cat([null.expand(n, -1, -1), cond])
+            cond_mask = torch.cat([null_mask.expand(n, -1), cond_mask])
+        scheduler = ddim_scheduler(model)
+        scheduler.set_timesteps(num_steps)
+        for i, t in enumerate(scheduler.timesteps):
+            x_in = torch.cat([x, x]) if use_cfg else x
+            eps = unet(x_in, t, cond, encoder_attention_mask=cond_mask).sample
+            if use_cfg:
+                eps_null, eps_cond = eps.chunk(2)
+                eps = eps_null + guidance_scale * (eps_cond - eps_null)
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            if callback is not None:
+                callback(i, int(t), x)
+        out.append(x.cpu())
+    return (torch.cat(out).clamp(-1, 1) + 1) / 2
+
+
+def class_captions(model: DiffusionModel, per_class: int, template: int = 0) -> list[str]:
+    """``per_class`` copies of each class caption, class-major (class 0 first)."""
+    return [
+        model.caption(c, template) for c in range(len(model.class_names)) for _ in range(per_class)
+    ]
+
+
+# --- hook sites -----------------------------------------------------------------------------------
+_GROUP_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def list_unet_sites(unet: nn.Module) -> list[str]:
+    """``unet.<path>`` of every cross-attention ``Transformer2DModel``, in forward order."""
+    names = [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+    names.sort(key=lambda name: _GROUP_ORDER.get(name.split(".")[0], 3))  # stable within a group
+    return [SITE_PREFIX + name for name in names]
+
+
+def resolve_unet_site(unet: nn.Module, site: str) -> Transformer2DModel:
+    """The ``Transformer2DModel`` named by ``site``; an unknown name lists the valid ones."""
+    valid = list_unet_sites(unet)
+    if site not in valid:
+        close = difflib.get_close_matches(str(site), valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown U-Net site {site!r}.{hint} Valid sites: {', '.join(valid)}")
+    return unet.get_submodule(site[len(SITE_PREFIX) :])
+
+
+class _TimestepTracker:
+    """Remembers the per-row timesteps (B,) of the U-Net call in progress (a forward pre-hook)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.timesteps = torch.zeros(0, dtype=torch.long)
+        self.calls = -1
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(t).flatten().long().cpu()
+        self.timesteps = t.expand(x.shape[0]) if t.numel() == 1 else t
+        self.calls += 1
+
+    def per_token(self, batch: int, positions: int) -> Tensor:
+        if len(self.timesteps) != batch:
+            raise RuntimeError(
+                "a site ran outside a U-Net call (or with another batch size): call the whole "
+                "UNet2DConditionModel inside the hook's `with` block"
+            )
+        return self.timesteps.repeat_interleave(positions)
+
+
+def _block_io(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> tuple[Tensor, Tensor]:
+    """(input h, output) feature maps of a Transformer2DModel call."""
+    h = args[0] if args else kwargs["hidden_states"]
+    y = output[0] if isinstance(output, tuple) else output.sample
+    return h, y
+
+
+def _with_output(output: Any, y: Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (y, *output[1:])
+    output.sample = y
+    return output
+
+
+@dataclass
+class SiteRecord:
+    """Residual updates of one site over U-Net calls, as tokens (see ``UNetCapture``)."""
+
+    chunks: list[Tensor] = field(default_factory=list)  # (B*H*W, C) per call
+    timesteps: list[Tensor] = field(default_factory=list)  # (B*H*W,)
+    rows: list[Tensor] = field(default_factory=list)  # (B*H*W,) batch row within the call
+    calls: list[int] = field(default_factory=list)
+    shape: tuple[int, int, int] | None = None  # (C, H, W)
+
+
+class UNetCapture:
+    """Records delta = block(h) - h at U-Net sites for every call inside ``with``.
+
+    Token order within a call is (row, y, x), row-major, as ``tokens_from`` makes it. Per site:
+    ``tokens`` (N, C), ``timesteps`` (N,) the diffusion timestep of each token, ``rows`` (N,)
+    the batch row within its U-Net call (during guided sampling rows < n are the unconditional
+    half), ``calls`` (N,) the index of the U-Net call (the denoising step when sampling one batch).
+    ``keep(site, t)`` (optional) filters whole calls by timestep, to save memory.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        sites: Sequence[str],
+        keep: Callable[[str, Tensor], bool] | None = None,
+    ) -> None:
+        self.modules = {s: resolve_unet_site(unet, s) for s in sites}
+        self.records = {s: SiteRecord() for s in sites}
+        self.keep = keep
+        self._unet = unet
+        self._handles: list[Any] = []
+        self._tracker: _TimestepTracker | None = None
+
+    def __enter__(self) -> UNetCapture:
+        self._tracker = _TimestepTracker(self._unet)
+        for site, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(site), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._tracker is not None:
+            self._tracker.handle.remove()
+
+    def _hook(self, site: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            assert self._tracker is not None
+            h, y = _block_io(args, kwargs, output)
+            b, c, hh, ww = y.shape
+            t = self._tracker.per_token(b, hh * ww)
+            if self.keep is not None and not self.keep(site, t):
+                return
+            rec = self.records[site]
+            rec.chunks.append(tokens_from((y - h).detach(), "spatial").reshape(-1, c).cpu())
+            rec.timesteps.append(t)
+            rec.rows.append(torch.arange(b).repeat_interleave(hh * ww))
+            rec.calls.append(self._tracker.calls)
+            rec.shape = (c, hh, ww)
+
+        return hook
+
+    def _record(self, site: str) -> SiteRecord:
+        if site not in self.records:
+            raise KeyError(f"site {site!r} was not captured; captured: {list(self.records)}")
+        rec = self.records[site]
+        if not rec.chunks:
+            raise RuntimeError(f"nothing captured at {site!r}: run the U-Net inside `with`")
+        return rec
+
+    def tokens(self, site: str) -> Tensor:
+        return torch.cat(self._record(site).chunks)
+
+    def timesteps(self, site: str) -> Tensor:
+        return torch.cat(self._record(site).timesteps)
+
+    def rows(self, site: str) -> Tensor:
+        return torch.cat(self._record(site).rows)
+
+    def calls(self, site: str) -> Tensor:
+        rec = self._record(site)
+        return torch.cat([torch.full((len(x),), c) for x, c in zip(rec.chunks, rec.calls)])
+
+
+def capture_sites(
+    unet: nn.Module, sites: Sequence[str], keep: Callable[[str, Tensor], bool] | None = None
+) -> UNetCapture:
+    """``with capture_sites(unet, [site]) as cap: sample(...)``, then ``cap.tokens(site)``."""
+    return UNetCapture(unet, sites, keep)
+
+
+@contextmanager
+def replace_site(
+    unet: nn.Module, site: str, fn: Callable[[Tensor, Tensor], Tensor]
+) -> Iterator[None]:
+    """Inside ``with``, the block at ``site`` outputs h + fn(delta, t) instead of h + delta.
+
+    ``fn`` gets the residual update as tokens (B*H*W, C) and each token's timestep (B*H*W,) and
+    returns new tokens of the same shape (an SAE reconstruction, an edited code decoded). The
+    output is written as y + (fn(delta) - delta), so the identity leaves it bit-for-bit unchanged.
+    """
+    module = resolve_unet_site(unet, site)
+    tracker = _TimestepTracker(unet)
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        h, y = _block_io(args, kwargs, output)
+        b, c, hh, ww = y.shape
+        delta = tokens_from(y - h, "spatial").reshape(-1, c)
+        new = fn(delta, tracker.per_token(b, hh * ww).to(delta.device))
+        if not isinstance(new, Tensor) or new.shape != delta.shape:
+            raise ValueError(
+                f"replacement at {site} must return a tensor of shape {tuple(delta.shape)} "
+                f"(tokens x channels), got {getattr(new, 'shape', type(new))}"
+            )
+        change = (new - delta).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        return _with_output(output, y + change)
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        tracker.handle.remove()
+
+
+# --- command line ---------------------------------------------------------------------------------
+def _fashion_mnist(split: str, size: int, n: int | None, seed: int) -> tuple[Tensor, Tensor, tuple]:
+    from common.data.images import load_fashion_mnist, resize
+
+    data = load_fashion_mnist(split)
+    if n is not None:
+        data = data.subset(n, seed=seed)
+    return resize(data.images, size), data.labels, data.class_names
+
+
+def save_grid(
+    images: Tensor, rows: int, path: str | Path, labels: Sequence[str] = (), scale: int = 3
+) -> None:
+    """Write images (N, 1, S, S) in [0, 1] as a PNG grid of ``rows`` rows, labels on the left."""
+    from PIL import Image, ImageDraw
+
+    n, _, s, _ = images.shape
+    cols = math.ceil(n / rows)
+    label_w = 80 if labels else 0
+    pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8)
+    canvas = Image.new("L", (label_w + cols * (s * scale + 1), rows * (s * scale + 1)), 0)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        tile = Image.fromarray(pixels[i].numpy()).resize((s * scale, s * scale), Image.NEAREST)
+        canvas.paste(tile, (label_w + c * (s * scale + 1), r * (s * scale + 1)))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels[:rows]):
+        draw.text((2, r * (s * scale + 1) + s * scale // 3), text, fill=255)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet_cfg = UNetConfig(channels=tuple(args.channels), layers_per_block=args.layers_per_block)
+    cfg = DiffusionTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        p_uncond=args.p_uncond,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    images, labels, names = _fashion_mnist("train", unet_cfg.image_size, args.n_train, args.seed)
+    _, metrics = train_diffusion(
+        images,
+        labels,
+        names,
+        args.out,
+        unet_cfg=unet_cfg,
+        cfg=cfg,
+        resume=not args.no_resume,
+        device=args.device,
+    )
+    print(json.dumps({k: v for k, v in metrics.items() if k != "loss_curve"}, indent=1))
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from common.models.classifier import load_classifier, score
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_diffusion(args.model)
+    model.unet.to(args.device)
+    classifier = load_classifier(args.classifier) if args.classifier else None
+    captions = class_captions(model, args.per_class, args.template)
+    labels = torch.arange(len(model.class_names)).repeat_interleave(args.per_class)
+    out = Path(args.out)
+    runs = []
+    for steps in args.steps:
+        t0 = time.perf_counter()
+        images = sample(
+            model, captions, num_steps=steps, guidance_scale=args.guidance, seed=args.seed
+        )
+        run: dict[str, Any] = {
+            "num_steps": steps,
+            "guidance_scale": args.guidance,
+            "seed": args.seed,
+            "per_class": args.per_class,
+            "sample_wall_s": round(time.perf_counter() - t0, 1),
+        }
+        if classifier is not None:
+            run |= score(classifier, images, labels)
+        runs.append(run)
+        save_grid(
+            images, len(model.class_names), out / f"samples_{steps}steps.png", model.class_names
+        )
+        print(json.dumps({k: v for k, v in run.items() if k != "per_class_accuracy"}))
+    metrics = {"caption_template": model.templates[args.template], "runs": runs}
+    path = Path(args.metrics) if args.metrics else out / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m common.models.diffusion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    d_cfg, d_unet = DiffusionTrainConfig(), UNetConfig()
+
+    t = sub.add_parser("train", help="train the U-Net on 16x16 Fashion-MNIST")
+    t.add_argument("--out", required=True, help="model folder (unet/, scheduler/, checkpoint)")
+    t.add_argument("--steps", type=int, default=d_cfg.steps)
+    t.add_argument("--batch-size", type=int, default=d_cfg.batch_size)
+    t.add_argument("--lr", type=float, default=d_cfg.lr)
+    t.add_argument("--ema-decay", type=float, default=d_cfg.ema_decay)
+    t.add_argument("--p-uncond", type=float, default=d_cfg.p_uncond)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=d_cfg.checkpoint_every)
+    t.add_argument("--channels", type=int, nargs="+", default=list(d_unet.channels))
+    t.add_argument("--layers-per-block", type=int, default=d_unet.layers_per_block)
+    t.add_argument("--n-train", type=int, default=None, help="train on a seeded subset")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--metrics", default=None, help="write training metrics JSON here")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="draw a class grid and score it with the classifier")
+    s.add_argument("--model", required=True)
+    s.add_argument("--classifier", default=None, help="folder from common.models.classifier")
+    s.add_argument("--per-class", type=int, default=16)
+    s.add_argument("--steps", type=int, nargs="+", default=[50], help="DDIM steps (several ok)")
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--template", type=int, default=0, help="index into the caption templates")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    s.add_argument("--out", required=True, help="folder for samples_<k>steps.png")
+    s.add_argument("--metrics", default=None, help="metrics JSON (default OUT/metrics.json)")
+    s.set_defaults(func=_cmd_sample)
+
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
