@@ -97,6 +97,7 @@ TRAIN_SCHEMA: dict[str, Any] = {
     "lr_decay_fraction": FRACTION,
     "dead_after_tokens": POS_INT,
     "normalize_activations": BOOL,
+    "device": STRING,
     "saes": SAE_HYPERPARAMETERS,
 }
 
@@ -119,6 +120,7 @@ SCHEMA: dict[str, Any] = {
         "eval_tokens": POS_INT,
         "batch_size": POS_INT,
         "dtype": one_of("float32", "float16", "bfloat16"),
+        "device": STRING,
     },
     "lm_train": TRAIN_SCHEMA,
     "compare": {

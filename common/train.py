@@ -115,6 +115,7 @@ class TrainConfig:
     init_sample: int = 8192  # tokens used by SAE.init_from_data
     normalize_activations: bool = False  # train on x * c with E||c x|| = sqrt(d_in)
     seed: int = 0
+    device: str = "cpu"  # e.g. "cuda"; checkpoints and saved SAEs are always on the CPU
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "dead_after_tokens")
@@ -163,8 +164,8 @@ def _load_optimizer_tensors(sae: SAE, opt: torch.optim.Adam, tensors: dict[str, 
         state = {
             key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name
         }
-        if state:
-            opt.state[p] = state
+        if state:  # Adam's step counter stays on the CPU; its moments live beside the parameter
+            opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
 
 
 def save_checkpoint(
@@ -194,7 +195,7 @@ def load_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Adam) -> tuple[int
             f"but this run asks for "
             f"{sae.name} with {sae.cfg}. Delete {ckpt} (or use another --out) to start afresh."
         )
-    sae.load_state_dict(saved.state_dict())
+    sae.load_state_dict(saved.state_dict())  # copies onto the device of sae's parameters
     state = load_file(str(ckpt / "trainer_state.safetensors"))
     tokens_since_fired = state.pop("__tokens_since_fired")
     _load_optimizer_tensors(sae, opt, state)
@@ -225,14 +226,16 @@ def train(
     sae_kwargs = {"seed": cfg.seed, **cfg.sae, "d_in": data.d_in}
     if cfg.normalize_activations:
         sae_kwargs["input_scale"] = input_scale_for(sample)
-    sae = build_sae(cfg.architecture, **sae_kwargs)
+    device = torch.device(cfg.device)
+    sae = build_sae(cfg.architecture, **sae_kwargs).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
-    tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     start = 0
     if resume and (out_dir / CHECKPOINT_DIR).exists():
         start, tokens_since_fired = load_checkpoint(out_dir, sae, opt)
+        tokens_since_fired = tokens_since_fired.to(device)
     else:
-        sae.init_from_data(sae.scale_in(sample))
+        sae.init_from_data(sae.scale_in(sample.to(device)))
 
     live = None
     if live_dir is not None:
@@ -254,7 +257,7 @@ def train(
     batches = data.iterate(start)
     step = start
     for step in range(start, end):
-        x = sae.scale_in(next(batches))
+        x = sae.scale_in(next(batches).to(device, non_blocking=True))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         ctx = TrainContext(

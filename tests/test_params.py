@@ -18,7 +18,7 @@ def test_committed_params_is_the_default_profile(default):
     assert load_params(Path(__file__).resolve().parents[1] / "params.yaml") == default
 
 
-@pytest.mark.parametrize("profile", ["default", "smoke"])
+@pytest.mark.parametrize("profile", ["default", "smoke", "gpu"])
 def test_profiles_are_valid(profile):
     validate_params(profile_params(profile))
 

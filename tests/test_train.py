@@ -216,3 +216,20 @@ def test_command_line_trains_from_a_plain_file(toy, tmp_path, capsys):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No SAE checkpoint .*missing config.json"):
         SAE.load(tmp_path)
+
+
+def test_normalized_training_is_scale_free_and_evaluates_in_raw_units(toy, tmp_path):
+    from common.evals import evaluate
+
+    cfg = _cfg(steps=60, normalize_activations=True)
+    small = train(cfg, TensorBatches(toy.x, 128), tmp_path / "a", progress=False)
+    big = train(cfg, TensorBatches(toy.x * 1000, 128), tmp_path / "b", progress=False)
+    expected = toy.x.shape[1] ** 0.5 / toy.x.norm(dim=1).mean().item()
+    assert small.cfg.input_scale == pytest.approx(expected, rel=0.05)
+    assert big.cfg.input_scale == pytest.approx(small.cfg.input_scale / 1000, rel=1e-4)
+    for key, value in small.state_dict().items():  # the same SAE in normalised units
+        torch.testing.assert_close(value, big.state_dict()[key], rtol=1e-3, atol=1e-4)
+    m_small, m_big = evaluate(small, toy.x), evaluate(big, toy.x * 1000)
+    assert m_big["fvu"] == pytest.approx(m_small["fvu"], rel=1e-3)
+    assert m_big["mse"] == pytest.approx(m_small["mse"] * 1e6, rel=1e-3)  # raw units
+    assert SAE.load(tmp_path / "b" / "sae").cfg.input_scale == big.cfg.input_scale

@@ -169,7 +169,7 @@ def main_latents(
     best, chosen = -np.inf, [int(order[0])]
     for k in range(1, min(max_k, z_train.shape[1]) + 1):
         cols = order[:k]
-        probe = LogisticRegression(class_weight="balanced", max_iter=500)
+        probe = LogisticRegression(class_weight="balanced", solver="liblinear")
         probe.fit(z_train[:, cols], y_train)
         f1 = _f1(probe.decision_function(z_test[:, cols]) > 0, y_test)
         if f1 > best + f1_jump:

@@ -135,11 +135,11 @@ def _fit_and_score(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    solver = "liblinear" if penalty == "l1" else "lbfgs"
+    l1_ratio = 1.0 if penalty == "l1" else 0.0
     probe = make_pipeline(
         StandardScaler(),
         LogisticRegression(
-            penalty=penalty, C=C, solver=solver, class_weight="balanced", max_iter=2000
+            l1_ratio=l1_ratio, C=C, solver="liblinear", class_weight="balanced", max_iter=2000
         ),
     )
     probe.fit(train, y_train)

@@ -24,7 +24,9 @@ For inference a single threshold theta replaces the batch dependence (JumpReLU-s
 ``sae.train()`` selects BatchTopK, ``sae.eval()`` the threshold; theta is a buffer, so it is saved.
 
 Both keep unit-norm decoder rows (tangent gradient in ``before_step``, renormalisation in
-``after_step``) and initialise the encoder as the decoder transpose (``tied_init``).
+``after_step``) and initialise the encoder as the decoder transpose (``tied_init``), scaled by
+one least-squares factor fitted on the initialisation sample (``init_scale``; our addition: it
+changes no selection, only the size of the first reconstructions, which otherwise overshoot).
 Training (``loss``) uses the sparse kernels of ``sparse_ops`` (dense forward matmul, everything
 else O(B k d)); ``sparse_kernels=False`` gives the dense reference with identical gradients.
 Parameter names and shapes follow SAELens: W_enc (d_in, d_sae), b_enc (d_sae,),
