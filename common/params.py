@@ -118,6 +118,7 @@ SCHEMA: dict[str, Any] = {
         "context_len": POS_INT,
         "train_tokens": POS_INT,
         "eval_tokens": POS_INT,
+        "downstream_windows": POS_INT,
         "batch_size": POS_INT,
         "dtype": one_of("float32", "float16", "bfloat16"),
         "device": STRING,

@@ -78,9 +78,9 @@ def test_zero_shot_beats_chance_on_held_out_images(trained):
     for name, entry in metrics["datasets"].items():
         assert entry["chance"] == pytest.approx(0.1)
         assert entry["n_test"] == 150
-        # 10 classes: chance is 0.1; at least 3x chance on 150 held-out images per dataset.
-        assert entry["zero_shot_accuracy"] > 0.3, (name, entry)
-        assert entry["zero_shot_accuracy_unseen_prompts"] > 0.2, (name, entry)
+        # 10 classes: chance is 0.1; ask for 4x chance on 150 held-out images per dataset.
+        assert entry["zero_shot_accuracy"] > 0.4, (name, entry)
+        assert entry["zero_shot_accuracy_unseen_prompts"] > 0.3, (name, entry)
 
 
 def test_image_tokens_match_the_features_site_at_224(loaded_image, text_tower):
@@ -98,7 +98,9 @@ def test_image_tokens_match_the_features_site_at_224(loaded_image, text_tower):
             handle.remove()
     assert tokens.patches.shape == (2, 49, 1280)
     assert tokens.pooled.shape == (2, 1280)
-    torch.testing.assert_close(tokens.patches, tokens_from(captured[0], "spatial"), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        tokens.patches, tokens_from(captured[0], "spatial"), atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(tokens.pooled, tokens.patches.mean(1))
     emb = model.encode_image(images)
     assert emb.shape == (2, 256)
@@ -178,7 +180,7 @@ def test_feature_cache_is_reused(trained, small_tower):
     assert computed == 0  # the training run wrote every chunk
     with torch.inference_mode():
         direct = small_tower.tokens(images.images[:5]).pooled
-    torch.testing.assert_close(first[:5], direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(first[:5], direct, atol=1e-4, rtol=0)
 
 
 def test_fit_heads_is_deterministic(small_tower, text_tower, trained):
@@ -232,3 +234,44 @@ def test_cli_writes_model_and_metrics(trained, tmp_path):
     assert CLIPStyleModel.load(tmp_path / "run").cfg.d_embed == 64
     with pytest.raises(SystemExit, match="no caption templates"):
         main(["train", "--out", str(tmp_path / "x"), "--datasets", "cifar10"])
+
+
+def test_hub_clip_adapter_has_the_same_api(tmp_path, text_tower):
+    """A tiny random transformers CLIPModel on disk stands in for a hub CLIP (GPU/hub profile)."""
+    import transformers as T
+
+    from common.models.clip_style import HubCLIP, load_clip
+
+    text = T.CLIPTextConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=101, eos_token_id=102,
+        pad_token_id=0,
+    )  # fmt: skip
+    vision = T.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    config = T.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    config.projection_dim = 24
+    torch.manual_seed(0)
+    T.CLIPModel(config).save_pretrained(tmp_path)
+    text_tower.loaded.tokenizer.save_pretrained(tmp_path)  # a BERT WordPiece tokenizer
+
+    clip = load_clip(tmp_path)
+    assert isinstance(clip, HubCLIP)
+    images = load_fashion_mnist("test").images[:3]
+    with torch.no_grad():
+        tokens = clip.image_tokens(images)
+        assert tokens.patches.shape == (3, 16, 32) and tokens.pooled.shape == (3, 32)
+        emb = clip.encode_image(images)
+        pixels = clip.preprocess(to_pixels(images, 32))
+        ref = clip.model.visual_projection(clip.model.vision_model(pixel_values=pixels)[1])
+        torch.testing.assert_close(emb, F.normalize(ref, dim=-1))
+        text_emb = clip.encode_text(["a photo of a coat.", "a sandal"])
+        assert text_emb.shape == (2, 24)
+        torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(2))
+        assert clip.zero_shot_weights(["coat", "bag"], ["a photo of a {}."]).shape == (2, 24)
+    with pytest.raises(FileNotFoundError, match="clip_style train"):
+        load_clip(
+            tmp_path / "empty_dir_that_exists" if (tmp_path / "x").mkdir() else tmp_path / "x"
+        )

@@ -127,6 +127,9 @@ def test_sampling_shapes_determinism_and_guidance(trained):
     assert not torch.allclose(a, sample(model, captions, num_steps=3, seed=2))
     no_cfg = sample(model, captions, num_steps=3, seed=1, guidance_scale=1.0)
     assert (a - no_cfg).abs().max() > 1e-3
+    ddim = sample(model, captions, num_steps=3, seed=1, eta=0.0)
+    assert torch.equal(ddim, sample(model, captions, num_steps=3, seed=1, eta=0.0))
+    assert (a - ddim).abs().max() > 1e-3  # eta = 1 adds fresh noise
     seen = []
     one = sample(model, captions, num_steps=1, seed=1, callback=lambda i, t, x: seen.append(t))
     assert one.shape == a.shape and seen == [999]  # trailing spacing: 1 step starts at T - 1
@@ -137,13 +140,17 @@ def test_capture_records_residual_updates_with_timesteps(trained):
     unet = model.unet
     site = "unet.down_blocks.1.attentions.0"  # 16 channels at 4x4
     module = unet.get_submodule(site[len("unet.") :])
-    manual = []
-    handle = module.register_forward_hook(
-        lambda m, args, kwargs, out: manual.append(out[0] - args[0]), with_kwargs=True
-    )
+    manual, outputs = [], []
+
+    def record(m, args, kwargs, out):
+        manual.append(out[0] - args[0])
+        outputs.append(out[0])
+
+    handle = module.register_forward_hook(record, with_kwargs=True)
     try:
         with capture_sites(unet, [site, "unet.mid_block.attentions.0"]) as cap:
-            sample(model, [model.caption(0), model.caption(1)], num_steps=2, seed=0)
+            with capture_sites(unet, [site], value="output") as cap_out:
+                sample(model, [model.caption(0), model.caption(1)], num_steps=2, seed=0)
     finally:
         handle.remove()
     tokens, t, rows, calls = cap.tokens(site), cap.timesteps(site), cap.rows(site), cap.calls(site)
@@ -157,6 +164,9 @@ def test_capture_records_residual_updates_with_timesteps(trained):
     assert torch.equal(rows[:16], torch.zeros(16, dtype=torch.long))
     expected = torch.cat([d.permute(0, 2, 3, 1).reshape(-1, 16) for d in manual])
     assert torch.allclose(tokens, expected)
+    expected_out = torch.cat([y.permute(0, 2, 3, 1).reshape(-1, 16) for y in outputs])
+    assert torch.allclose(cap_out.tokens(site), expected_out)
+    assert not torch.allclose(cap_out.tokens(site), tokens)
     assert cap.tokens("unet.mid_block.attentions.0").shape[1] == 16
 
 
@@ -183,6 +193,10 @@ def test_replace_hook_identity_and_edit(trained):
     with pytest.raises(ValueError, match="must return a tensor of shape"):
         with replace_site(model.unet, site, lambda x, t: x[:, :3]):
             sample(model, captions, num_steps=1)
+    with replace_site(model.unet, site, lambda y, t: y, value="output"):
+        assert torch.equal(sample(model, captions, num_steps=2, seed=0), base)
+    with pytest.raises(ValueError, match="'update'"):
+        replace_site(model.unet, site, lambda y, t: y, value="input").__enter__()
     unet_out = sample(model, captions, num_steps=2, seed=0)
     assert torch.equal(unet_out, base)  # hooks removed on exit
 

@@ -105,7 +105,9 @@ def word_activations(
     out = []
     for start in range(0, len(token_ids), batch_size):
         words = torch.tensor(list(token_ids[start : start + batch_size]), dtype=torch.long)
-        ids = torch.cat([torch.tensor(head).expand(len(words), -1), words[:, None]], dim=1)
+        ids = torch.cat(
+            [torch.tensor(head, dtype=torch.long).expand(len(words), -1), words[:, None]], 1
+        )
         out.append(site_activations(net, resolved, ids)[:, -1].float().cpu())
     return torch.cat(out)
 
@@ -127,6 +129,8 @@ class LetterAbsorption:
 
 @dataclass
 class AbsorptionResult:
+    """Evaluated letters (probe F1 >= min_probe_f1), the probe's test accuracy, the test rows."""
+
     letters: dict[str, LetterAbsorption]
     probe_accuracy: float
     test_indices: list[int]
@@ -260,6 +264,7 @@ def absorption_from_activations(
     w_dec = sae.decoder_directions.detach().float().cpu()
     z_np = z.numpy()
 
+    coef = probe.coef_ if len(probe.classes_) > 2 else np.concatenate([-probe.coef_, probe.coef_])
     results: dict[str, LetterAbsorption] = {}
     for class_index, letter in enumerate(probe.classes_):
         y_train, y_test = lab[train] == letter, lab[test] == letter
@@ -269,7 +274,7 @@ def absorption_from_activations(
         if f1 < min_probe_f1:
             continue
         main = main_latents(z_np[train], y_train, z_np[test], y_test, max_k, f1_jump)
-        direction = torch.as_tensor(probe.coef_[class_index], dtype=torch.float32)
+        direction = torch.as_tensor(coef[class_index], dtype=torch.float32)
         rows = test[(predicted == letter) & y_test]
         fractions, fulls = [], []
         for row in rows:

@@ -56,6 +56,35 @@ def evaluate(
     return metrics
 
 
+def evaluate_downstream(
+    sae: SAE,
+    *,
+    model: str,
+    site: str,
+    corpus: str,
+    n_windows: int,
+    context_len: int,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> dict[str, float]:
+    """CE / KL loss recovered with ``sae`` spliced into ``model`` at ``site`` (see downstream.py).
+
+    The windows come from the corpus's *test* split, tokenised like the extraction (first position
+    and in-window document separators excluded), so the spliced tokens are those the SAE saw.
+    """
+    from common.data.text import load_corpus, tokenize_windows
+    from common.evals.downstream import downstream_loss
+    from common.models.loading import load_model
+
+    kwargs = {"cache_dir": cache_dir} if cache_dir else {}
+    loaded = load_model(model, **kwargs)
+    texts = load_corpus(corpus, "test", seed=seed).texts
+    windows = tokenize_windows(texts, loaded.tokenizer, context_len, max_windows=n_windows)
+    keep = windows.keep & (windows.ids != windows.ids[:, :1])
+    metrics = downstream_loss(loaded.model, sae, site, windows.ids, keep_mask=keep)
+    return {f"downstream_{k}": float(v) for k, v in metrics.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     from common.activations.files import load_activation_file, load_activations
 
@@ -70,6 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--key", default=None, help="tensor name in a multi-tensor .safetensors file")
     p.add_argument("--features-key", default=None, help="tensor with the true features (toy data)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
+    lm = p.add_argument_group("downstream loss (language models): splice the SAE into the model")
+    lm.add_argument("--model", default=None, help="e.g. smollm2-135m; enables CE/KL recovered")
+    lm.add_argument("--site", default=None, help="hook site the SAE was trained on")
+    lm.add_argument("--corpus", default="wordnet", help="text corpus (its test split)")
+    lm.add_argument("--downstream-windows", type=int, default=16)
+    lm.add_argument("--context-len", type=int, default=128)
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--cache-dir", default=None, help="where converted models are cached")
     args = p.parse_args(argv)
     try:
         sae = SAE.load(args.sae)
@@ -78,6 +115,21 @@ def main(argv: list[str] | None = None) -> None:
             load_activation_file(args.data, key=args.features_key) if args.features_key else None
         )
         metrics = evaluate(sae, x, true_features=features)
+        if args.model:
+            if not args.site:
+                raise ValueError("--model needs --site: the hook site the SAE was trained on")
+            metrics.update(
+                evaluate_downstream(
+                    sae,
+                    model=args.model,
+                    site=args.site,
+                    corpus=args.corpus,
+                    n_windows=args.downstream_windows,
+                    context_len=args.context_len,
+                    seed=args.seed,
+                    cache_dir=args.cache_dir,
+                )
+            )
     except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"error: {err}") from err
     out = Path(args.out)
