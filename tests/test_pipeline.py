@@ -102,7 +102,13 @@ def test_smoke_pipeline_end_to_end(repo):
     assert metrics["architecture"] == "relu" and 0 <= metrics["dead_fraction"] <= 1
     lm_metrics = json.loads((repo / "metrics/lm/topk.json").read_text())
     assert lm_metrics["l0"] <= 8 + 1e-6 and 0 < lm_metrics["fvu"] < 1.5
-    for figure in ("toy_frontier.png", "toy_recovery.png", "lm_frontier.png"):
+    assert lm_metrics["downstream_ce_clean"] < lm_metrics["downstream_ce_zero_ablation"]
+    for figure in (
+        "toy_frontier.png",
+        "toy_recovery.png",
+        "lm_frontier.png",
+        "lm_loss_recovered.png",
+    ):
         assert (repo / "figures/00_compare" / figure).stat().st_size > 10_000
     for prefix in ("toy", "lm"):
         executed = json.loads((repo / f"outputs/00_compare/compare_{prefix}.ipynb").read_text())
