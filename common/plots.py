@@ -38,10 +38,22 @@ def frontier_plot(
     title: str = "",
     logy: bool = True,
 ) -> Figure:
-    """Sparsity-fidelity frontier: one point (or line, if several per run) per SAE."""
+    """Sparsity-fidelity frontier: one labelled point per SAE (a line where a run has several)."""
     apply_style()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=df.sort_values(x), x=x, y=y, hue=hue, marker="o", ax=ax, estimator=None)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    data = df.sort_values(x)
+    several = data[hue].duplicated().any()
+    plot = sns.lineplot if several else sns.scatterplot
+    plot(data=data, x=x, y=y, hue=hue, style=hue, markers=True, s=70, ax=ax, legend=several)
+    if not several:
+        for _, row in data.iterrows():
+            ax.annotate(
+                str(row[hue]),
+                (row[x], row[y]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=9,
+            )
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel({"l0": "L0 (active latents per token)"}.get(x, x))

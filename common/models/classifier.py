@@ -6,7 +6,7 @@ human judgement) is the rate at which this classifier assigns the prompted class
     acc = (1/N) sum_i [argmax_k f(x_i)_k == y_i]      (x_i drawn from the caption of class y_i)
 
 Architecture: conv3x3(1->w) ReLU conv3x3(w->2w) ReLU maxpool2 conv3x3(2w->4w) ReLU maxpool2,
-then linear(16 w * S^2 / 16 -> 128) ReLU linear(128 -> classes). Inputs are images in [0, 1],
+then linear(4w (S/4)^2 -> 128) ReLU linear(128 -> classes). Inputs are images in [0, 1],
 standardised inside the model with the Fashion-MNIST mean and standard deviation.
 
 Command line::

@@ -18,7 +18,10 @@ handwritten digit {}", ...) on Fashion-MNIST and scikit-learn digits; tower feat
 once and cached as safetensors, so training the heads takes seconds. Zero-shot classification is
 CLIP's: the class embedding is the normalised mean of e_T over the prompt templates, the prediction
 argmax_c <e_I, e_c>. The classes are seen in training (through captions); the test images and, for
-``zero_shot_accuracy_unseen_prompts``, the prompt templates are not.
+``zero_shot_accuracy_unseen_prompts``, the prompt templates are not. It does not transfer to classes
+absent from training: with 2 classes per dataset held out of the captions, their images were never
+assigned to them (0 of 10-way, 224 px, 2000 images per dataset). Papers that need open-vocabulary
+behaviour (SpLiCE's concept vocabulary, paper 3) should say so, or run the hub profile.
 
 API used by the CLIP papers; ``HubCLIP`` gives a real transformers CLIP the same methods, and
 ``load_clip(spec)`` picks one from the pipeline's parameter (a run folder or a hub name):
