@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "sae_lens": version("sae-lens"),
             "sparsify": version("eai-sparsify"),
+            "load_average_at_end": os.getloadavg(),  # other jobs on a shared machine
         },
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
