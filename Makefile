@@ -10,9 +10,11 @@ setup:
 repro: setup
 	dvc repro
 
-# The test suite (what CI runs).
+# The test suite (what CI runs): lint, then pytest.
 test: setup
+	ruff check common tests benchmarks scripts
+	ruff format --check --quiet common tests benchmarks scripts
 	pytest -q
 
 lint: setup
-	ruff check common tests benchmarks
+	ruff check common tests benchmarks scripts

@@ -48,8 +48,13 @@ def _fit(arch: str, kind: str, sae_items: tuple[tuple[str, float], ...]) -> tupl
 
     data = _data(kind)
     cfg = TrainConfig(
-        architecture=arch, sae=dict(sae_items), steps=STEPS, batch_size=BATCH, lr=3e-3,
-        checkpoint_every=STEPS, log_every=STEPS,
+        architecture=arch,
+        sae=dict(sae_items),
+        steps=STEPS,
+        batch_size=BATCH,
+        lr=3e-3,
+        checkpoint_every=STEPS,
+        log_every=STEPS,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared CPU
@@ -116,7 +121,7 @@ def test_ste_pseudo_gradients_estimate_the_expected_gradient() -> None:
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(200_000, 3, generator=g)
     theta_values = torch.tensor([0.2, 0.5, 1.0])
-    phi = torch.exp(-theta_values**2 / 2) / math.sqrt(2 * math.pi)
+    phi = torch.exp(-(theta_values**2) / 2) / math.sqrt(2 * math.pi)
 
     theta = theta_values.clone().requires_grad_(True)
     HeavisideSTE.apply(pre, theta, 0.05).mean(0).sum().backward()
@@ -201,12 +206,20 @@ def test_parameter_names_match_saelens() -> None:
     gated = build_sae("gated", d_in=8, d_sae=16)
     shapes = {k: tuple(v.shape) for k, v in gated.state_dict().items()}
     assert shapes == {
-        "W_enc": (8, 16), "b_gate": (16,), "r_mag": (16,), "b_mag": (16,),
-        "W_dec": (16, 8), "b_dec": (8,),
+        "W_enc": (8, 16),
+        "b_gate": (16,),
+        "r_mag": (16,),
+        "b_mag": (16,),
+        "W_dec": (16, 8),
+        "b_dec": (8,),
     }
     jump = build_sae("jumprelu", d_in=8, d_sae=16, initial_threshold=0.25)
     shapes = {k: tuple(v.shape) for k, v in jump.state_dict().items()}
     assert shapes == {
-        "W_enc": (8, 16), "b_enc": (16,), "log_threshold": (16,), "W_dec": (16, 8), "b_dec": (8,),
+        "W_enc": (8, 16),
+        "b_enc": (16,),
+        "log_threshold": (16,),
+        "W_dec": (16, 8),
+        "b_dec": (8,),
     }
     torch.testing.assert_close(jump.threshold, torch.full((16,), 0.25))

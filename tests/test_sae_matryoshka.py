@@ -23,8 +23,15 @@ BATCH = 256
 
 def _train(arch: str, sae: dict, data: ToyData, tmp_path, steps: int = 1000, seed: int = 0) -> SAE:
     cfg = TrainConfig(
-        architecture=arch, sae=sae, steps=steps, batch_size=BATCH, lr=3e-3, seed=seed,
-        dead_after_tokens=BATCH * 50, checkpoint_every=10**6, log_every=10**6,
+        architecture=arch,
+        sae=sae,
+        steps=steps,
+        batch_size=BATCH,
+        lr=3e-3,
+        seed=seed,
+        dead_after_tokens=BATCH * 50,
+        checkpoint_every=10**6,
+        log_every=10**6,
     )
     return train(cfg, TensorBatches(data.x, BATCH, seed=seed), tmp_path, progress=False)
 
@@ -109,8 +116,11 @@ def test_matryoshka_absorbs_less_than_plain_batchtopk(tmp_path):
         result = {}
         for name, prefixes in (("plain", [d_sae]), ("matryoshka", [n_parents, d_sae])):
             sae = _train(
-                "matryoshka", dict(d_sae=d_sae, k=3, prefixes=prefixes), data,
-                tmp_path / f"{name}{seed}", seed=seed,
+                "matryoshka",
+                dict(d_sae=d_sae, k=3, prefixes=prefixes),
+                data,
+                tmp_path / f"{name}{seed}",
+                seed=seed,
             )
             result[name] = absorption_metrics(sae, data)
         rows.append(result)
@@ -149,8 +159,15 @@ def test_matryoshka_loss_is_sum_of_prefix_errors():
         x_m = out.z[:, :m] @ sae.W_dec[:m] + sae.b_dec
         expected = expected + (x - x_m).pow(2).sum(1).mean()
     assert torch.allclose(out.loss, expected)
-    mean = build_sae("matryoshka", d_in=8, d_sae=12, k=3, prefixes=[3, 6, 12], prefix_loss="mean",
-                     aux_coefficient=0)
+    mean = build_sae(
+        "matryoshka",
+        d_in=8,
+        d_sae=12,
+        k=3,
+        prefixes=[3, 6, 12],
+        prefix_loss="mean",
+        aux_coefficient=0,
+    )
     assert torch.allclose(mean.loss(x).loss, expected / 3)  # same seed, same weights
 
 

@@ -63,7 +63,9 @@ def load_activation_file(path: str | Path, key: str | None = None) -> Tensor:
     return check_activations(x, source=str(path))
 
 
-def load_activations(path: str | Path, key: str | None = None, max_tokens: int | None = None) -> Tensor:
+def load_activations(
+    path: str | Path, key: str | None = None, max_tokens: int | None = None
+) -> Tensor:
     """An activation file, or the first ``max_tokens`` rows of an activation store folder."""
     path = Path(path)
     if path.is_dir():
