@@ -37,6 +37,7 @@ def frontier_plot(
     *,
     title: str = "",
     logy: bool = True,
+    logx: bool = True,
 ) -> Figure:
     """Sparsity-fidelity frontier: one labelled point per SAE (a line where a run has several)."""
     apply_style()
@@ -56,6 +57,8 @@ def frontier_plot(
             )
     if logy:
         ax.set_yscale("log")
+    if logx:  # L0 spans orders of magnitude across architectures
+        ax.set_xscale("log")
     ax.set_xlabel({"l0": "L0 (active latents per token)"}.get(x, x))
     ax.set_ylabel({"fvu": "FVU (fraction of variance unexplained)"}.get(y, y))
     ax.set_title(title)
