@@ -12,9 +12,9 @@ repro: setup
 
 # The test suite (what CI runs): lint, then pytest.
 test: setup
-	ruff check common tests benchmarks scripts
-	ruff format --check --quiet common tests benchmarks scripts
+	ruff check common tests benchmarks scripts papers
+	ruff format --check --quiet common tests benchmarks scripts papers
 	pytest -q
 
 lint: setup
-	ruff check common tests benchmarks scripts
+	ruff check common tests benchmarks scripts papers

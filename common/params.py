@@ -48,6 +48,21 @@ PROBABILITY = (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
 FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
 STRING = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
 BOOL = (lambda v: isinstance(v, bool), "true or false")
+SEEDS = (
+    lambda v: isinstance(v, list)
+    and len(v) >= 3
+    and all(_is_int(s) and s >= 0 for s in v)
+    and len(set(v)) == len(v),
+    "a list of at least 3 distinct integers >= 0 (claims are checked over seeds)",
+)
+
+
+def list_of(check: tuple[Check, str], min_len: int = 1) -> tuple[Check, str]:
+    """A list of at least ``min_len`` values that each pass ``check``."""
+    return (
+        lambda v: isinstance(v, list) and len(v) >= min_len and all(check[0](x) for x in v),
+        f"a list of at least {min_len} values, each {check[1]}",
+    )
 
 
 def one_of(*choices: str) -> tuple[Check, str]:
@@ -114,6 +129,7 @@ SCHEMA: dict[str, Any] = {
     "lm": {
         "model": STRING,
         "site": STRING,
+        "mlp_site": STRING,
         "corpus": one_of("wordnet", "fortunes", "shakespeare", "tweets"),
         "context_len": POS_INT,
         "train_tokens": POS_INT,
