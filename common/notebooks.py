@@ -7,7 +7,9 @@ and mappings. This runner reads the named sections of ``params.yaml`` and hands 
         --params papers.seeds papers.07_topk --set figure_dir=figures/07_topk
 
 A mapping section contributes each of its keys as a parameter; any other value is passed under its
-last key (``papers.seeds`` -> ``seeds``). ``--set name=value`` adds literal parameters (paths).
+last key (``papers.seeds`` -> ``seeds``). ``--set name=value`` adds literal parameters, the value
+read as YAML (``128`` an int, ``[a, b]`` a list, ``data/x`` a string), for paths and for values
+shared with other stages (``site=${lm.site}``).
 Every name must exist in the notebook's ``parameters`` cell, so a typo fails before the kernel
 starts, naming the notebook and its valid parameters.
 """
@@ -55,7 +57,10 @@ def collect_parameters(
         name, sep, value = literal.partition("=")
         if not sep or not name:
             raise NotebookParamsError(f"--set expects name=value, got {literal!r}")
-        out[name] = value
+        try:
+            out[name] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError as err:
+            raise NotebookParamsError(f"--set {literal!r}: the value is not valid YAML") from err
     return out
 
 

@@ -103,6 +103,20 @@ def _sae_hyperparameters(value: Any, key: str) -> None:
 
 
 SAE_HYPERPARAMETERS = "sae-hyperparameters"
+PAPER_FOLDERS = "paper-folders"
+
+
+def _paper_folders(value: Any, key: str) -> None:
+    """Folder names under ``papers/`` that exist and declare their claims in ``claims.yaml``."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ParamsError(f"params.yaml: `{key}` must be a non-empty list of papers/ folder names")
+    for folder in value:
+        if not (ROOT / "papers" / folder / "claims.yaml").is_file():
+            have = sorted(p.parent.name for p in (ROOT / "papers").glob("*/claims.yaml"))
+            raise ParamsError(
+                f"params.yaml: `{key}`: papers/{folder}/claims.yaml does not exist; "
+                f"folders with claims: {have}"
+            )
 
 TRAIN_SCHEMA: dict[str, Any] = {
     "steps": POS_INT,
@@ -143,12 +157,33 @@ SCHEMA: dict[str, Any] = {
     "compare": {
         "title": STRING,
     },
+    "papers": {
+        "seeds": SEEDS,
+        "folders": "paper-folders",
+        "01_cunningham": {
+            "train_tokens": POS_INT,
+            "expansion": POS_INT,
+            "l1_coefficient": POS_FLOAT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "baseline_tokens": POS_INT,
+            "n_components": POS_INT,
+            "ica_max_iter": POS_INT,
+            "n_top_docs": POS_INT,
+            "probe_ks": list_of(POS_INT),
+            "probe_tasks": POS_INT,
+            "probe_min_class_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        },
+    },
 }
 
 
 def _validate(value: Any, schema: Any, key: str) -> None:
     if schema == SAE_HYPERPARAMETERS:
         _sae_hyperparameters(value, key)
+    elif schema == PAPER_FOLDERS:
+        _paper_folders(value, key)
     elif isinstance(schema, dict):
         if not isinstance(value, dict):
             raise ParamsError(

@@ -28,8 +28,17 @@ def _notebook(path):
 
 
 def test_sections_and_literals_become_parameters():
-    got = collect_parameters(PARAMS, ["papers.seeds", "papers.07_topk"], ["out=a/b.json"])
-    assert got == {"seeds": [0, 1, 2], "widths": [8, 16], "steps": 5, "out": "a/b.json"}
+    got = collect_parameters(
+        PARAMS, ["papers.seeds", "papers.07_topk"], ["out=a/b.json", "n=128", "s=[a.1, b.1]"]
+    )
+    assert got == {
+        "seeds": [0, 1, 2],
+        "widths": [8, 16],
+        "steps": 5,
+        "out": "a/b.json",
+        "n": 128,
+        "s": ["a.1", "b.1"],
+    }
 
 
 def test_missing_section_names_the_key():
