@@ -4,8 +4,8 @@ For each storage dtype: write an ``N x d`` store to a temporary folder (random r
 pages from the OS cache (``posix_fadvise DONTNEED`` on our own files only), then stream shuffled
 batches through ``ActivationStore.batches`` and time them (a cold read; later windows of the same
 run are cold too since each chunk is read once per epoch). The baseline in the same run is one
-training step (forward, loss, backward, Adam) of a TopK SAE (``build_sae("topk")``; ``relu`` if
-the registry has no topk) at the same batch size:
+training step (``common.train.train_step``: loss, backward, clipping, Adam) of a TopK SAE
+(``build_sae("topk")``; ``relu`` if the registry has no topk) at the same batch size:
 
     ratio = loader vectors/s / SAE-step vectors/s        (> 1: the loader is not the bottleneck)
 
@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from common.activations.store import ActivationStore, ActivationStoreWriter
-from common.sae import TrainContext, build_sae
+from common.sae import build_sae
 from common.sae.registry import available_architectures
+from common.train import TrainConfig, make_optimizer, train_step
 
 
 def _status_kb(field: str) -> int:
@@ -95,18 +96,14 @@ def sae_step_rate(d: int, batch_size: int, expansion: int, k: int, steps: int) -
     arch = "topk" if "topk" in available_architectures() else "relu"
     hyper = {"d_in": d, "d_sae": expansion * d, **({"k": k} if arch == "topk" else {})}
     sae = build_sae(arch, **hyper)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    cfg = TrainConfig(architecture=arch, sae=hyper, steps=steps + 1, lr=1e-4)
+    opt = make_optimizer(sae, cfg)
     x = torch.randn(batch_size, d, generator=torch.Generator().manual_seed(1))
     sae.init_from_data(x)
-    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
 
-    def step(t: int) -> None:
-        out = sae.loss(x, TrainContext(step=t, total_steps=steps + 1, dead_mask=dead))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.before_step()
-        opt.step()
-        sae.after_step()
+    def step(t: int) -> None:  # the trainer's own step
+        train_step(sae, opt, x, t, cfg, tokens_since_fired)
 
     step(0)  # warm-up
     start = time.perf_counter()

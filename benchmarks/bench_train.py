@@ -3,8 +3,8 @@
 Every implementation trains from its own initialisation on the same batches, with its own optimiser
 and training step, as its library's trainer does it:
 
-* ``ours``: ``common.train``'s step (loss, backward, ``before_step``, gradient clipping, Adam,
-  ``after_step``, dead-latent counters), for the ``topk`` and ``relu`` architectures.
+* ``ours``: ``common.train.train_step``, the trainer's own step (loss, backward, ``before_step``,
+  gradient clipping, fused Adam, ``after_step``, dead-latent counters), for ``topk`` and ``relu``.
 * ``sae-lens``: ``SAETrainer.step`` (its public one-step seam: ``training_forward_pass``, backward,
   clipping, Adam, scheduler) on ``TopKTrainingSAE`` / ``StandardTrainingSAE``.
 * ``sparsify``: ``SparseCoder.forward`` + backward + the default optimiser of ``sparsify.Trainer``
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.sae import TrainContext, build_sae
+from common.sae import build_sae
 from common.sae.base import fvu
 from common.toy import random_features
-from common.train import TrainConfig
+from common.train import TrainConfig, make_optimizer, train_step
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
@@ -76,62 +76,30 @@ class Runner:
 
 
 def ours(
-    arch: str,
-    d_in: int,
-    d_sae: int,
-    k: int,
-    l1: float,
-    x0: Tensor,
-    dead: Tensor | None,
-    proposed: bool = False,
+    arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None
 ) -> Runner:
-    """The step of ``common.train.train``, line for line (minus logging and checkpoints).
-
-    ``proposed`` ("ours+"): the same step with two trainer changes under discussion: fused Adam
-    (one pass over each parameter instead of ~8 elementwise ops), and, for TopK, firing counts
-    read from the sparse code (``loss_with_sparse_code``) instead of a dense B x d_sae ``z``.
-    """
-    cfg = TrainConfig(architecture=arch)
+    """``common.train.train_step`` itself (the trainer's whole step: learning rate, loss,
+    backward, ``before_step``, clipping, fused Adam, ``after_step``, dead-latent counters) with the
+    trainer's optimiser (``make_optimizer``); only logging and checkpoints are left out."""
+    cfg = TrainConfig(architecture=arch, steps=10**6)
     hyper = {"k": k} if arch == "topk" else {"l1_coefficient": l1}
     sae = build_sae(arch, d_in=d_in, d_sae=d_sae, seed=0, **hyper)
     sae.init_from_data(x0)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=proposed)
-    sparse_code = proposed and hasattr(sae, "loss_with_sparse_code")
+    opt = make_optimizer(sae, cfg)
     tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
     state = {"step": 0}
 
     def step(x: Tensor) -> None:
-        dead_mask = tokens_since_fired >= cfg.dead_after_tokens if dead is None else dead
-        ctx = TrainContext(step=state["step"], total_steps=cfg.steps, dead_mask=dead_mask)
-        out = sae.loss_with_sparse_code(x, ctx) if sparse_code else sae.loss(x, ctx)
-        if not torch.isfinite(out.loss):
-            raise RuntimeError(f"ours/{arch}: loss is {out.loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.before_step()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sae.after_step()
-        with torch.no_grad():
-            if sparse_code:
-                fired = out.z._indices()[1][out.z._values() > 0]
-            else:
-                fired = (out.z > 0).any(0)
-            tokens_since_fired.add_(x.shape[0])
-            tokens_since_fired[fired] = 0
+        if dead is not None:  # the same forced dead latents as the peers (no latent dies this soon)
+            tokens_since_fired[dead] = cfg.dead_after_tokens
+        train_step(sae, opt, x, state["step"], cfg, tokens_since_fired)
         state["step"] += 1
 
     def reconstruct(x: Tensor) -> tuple[Tensor, Tensor]:
         z = sae.encode(x)
         return sae.decode(z), z
 
-    return Runner("ours+" if proposed else "ours", arch, step, reconstruct)
-
-
-def ours_proposed(
-    arch: str, d_in: int, d_sae: int, k: int, l1: float, x0: Tensor, dead: Tensor | None
-) -> Runner:
-    return ours(arch, d_in, d_sae, k, l1, x0, dead, proposed=True)
+    return Runner("ours", arch, step, reconstruct)
 
 
 def sae_lens(
@@ -216,8 +184,8 @@ def sparsify(
     return Runner("sparsify", arch, step, reconstruct)
 
 
-IMPLEMENTATIONS = {"ours": ours, "ours+": ours_proposed, "sae-lens": sae_lens, "sparsify": sparsify}
-OURS = ("ours", "ours+")
+IMPLEMENTATIONS = {"ours": ours, "sae-lens": sae_lens, "sparsify": sparsify}
+OURS = ("ours",)
 
 
 # --- the benchmark --------------------------------------------------------------------------------

@@ -49,10 +49,12 @@ FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
 STRING = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
 BOOL = (lambda v: isinstance(v, bool), "true or false")
 SEEDS = (
-    lambda v: isinstance(v, list)
-    and len(v) >= 3
-    and all(_is_int(s) and s >= 0 for s in v)
-    and len(set(v)) == len(v),
+    lambda v: (
+        isinstance(v, list)
+        and len(v) >= 3
+        and all(_is_int(s) and s >= 0 for s in v)
+        and len(set(v)) == len(v)
+    ),
     "a list of at least 3 distinct integers >= 0 (claims are checked over seeds)",
 )
 
@@ -117,6 +119,7 @@ def _paper_folders(value: Any, key: str) -> None:
                 f"params.yaml: `{key}`: papers/{folder}/claims.yaml does not exist; "
                 f"folders with claims: {have}"
             )
+
 
 TRAIN_SCHEMA: dict[str, Any] = {
     "steps": POS_INT,

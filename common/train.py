@@ -1,9 +1,12 @@
 """One training loop for every SAE architecture.
 
-Adam, linear learning-rate warm-up and an optional linear decay over the last part of training,
-gradient-norm clipping, the architecture's own gradient surgery and projections
-(``before_step`` / ``after_step``), dead-latent tracking, dvclive logging of loss / FVU / L0 / dead
+Adam (fused where PyTorch has the kernel), linear learning-rate warm-up and an optional linear
+decay over the last part of training, gradient-norm clipping, the architecture's own gradient
+surgery and projections (``before_step`` / ``after_step``), dead-latent tracking (read from the
+sparse code where the architecture returns one), dvclive logging of loss / FVU / L0 / dead
 fraction, and checkpoints that resume to the same final weights as an uninterrupted run.
+``train_step`` is the whole step; ``train`` adds data, logging and checkpoints around it (and
+``benchmarks/bench_train.py`` times it).
 
 Determinism: the batch at step ``t`` depends only on ``(seed, t)`` (see ``TensorBatches``), and the
 checkpoint holds the weights, Adam moments and dead-latent counters, so stopping and resuming does
@@ -32,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from common.sae import SAE, TrainContext, build_sae
-from common.sae.base import fvu
+from common.sae.base import LossOutput, code_stats, fvu
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "sae"
@@ -160,12 +163,27 @@ def _optimizer_tensors(sae: SAE, opt: torch.optim.Adam) -> dict[str, Tensor]:
 
 
 def _load_optimizer_tensors(sae: SAE, opt: torch.optim.Adam, tensors: dict[str, Tensor]) -> None:
+    """Restore Adam's state. Moments take the *strides* of their parameter, not just its shape and
+    device: fused Adam walks parameter, gradient and moments as flat memory, so a contiguous moment
+    beside a transposed parameter (``W_enc`` is stored as the transpose of a (d_sae, d_in) block)
+    would be updated element-for-wrong-element without any error. (Gradients from ``backward``
+    already follow their parameter's strides: autograd's layout contract.)"""
+    fused = bool(opt.defaults.get("fused"))
     for name, p in sae.named_parameters():
         state = {
             key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name
         }
-        if state:  # Adam's step counter stays on the CPU; its moments live beside the parameter
-            opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
+        if not state:
+            continue
+        restored = {}
+        for key, value in state.items():
+            if key == "step":  # on the CPU for plain Adam, beside the parameter for fused Adam
+                restored[key] = value.to(p.device) if fused else value
+            else:
+                restored[key] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(
+                    value
+                )
+        opt.state[p] = restored
 
 
 def save_checkpoint(
@@ -204,6 +222,51 @@ def load_checkpoint(out_dir: Path, sae: SAE, opt: torch.optim.Adam) -> tuple[int
 
 
 # --- the loop ------------------------------------------------------------------------------
+def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam over the SAE's parameters, fused (one kernel per parameter instead of about eight
+    elementwise passes) on the devices where PyTorch has the fused kernel."""
+    device = next(sae.parameters()).device
+    fused = True if device.type in ("cpu", "cuda") else None
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused)
+
+
+def train_step(
+    sae: SAE,
+    opt: torch.optim.Adam,
+    x: Tensor,
+    step: int,
+    cfg: TrainConfig,
+    tokens_since_fired: Tensor,
+) -> LossOutput:
+    """One training step on the batch ``x`` (already in the SAE's units, on its device).
+
+    Sets the learning rate of ``step`` (``lr_factor``), computes ``sae.loss_with_sparse_code``
+    with the current dead-latent mask, backward, ``before_step``, gradient-norm clipping, Adam,
+    ``after_step``, and updates ``tokens_since_fired`` in place (+batch for every latent, 0 for
+    those that fired). Returns the loss output; its ``z`` may be sparse (see ``code_stats``).
+    Raises ``TrainingDiverged`` before touching the weights if the loss is not finite.
+    """
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+    dead_mask = tokens_since_fired >= cfg.dead_after_tokens
+    ctx = TrainContext(step=step, total_steps=cfg.steps, dead_mask=dead_mask)
+    out = sae.loss_with_sparse_code(x, ctx)
+    if not torch.isfinite(out.loss):
+        raise TrainingDiverged(f"{cfg.architecture}: loss is {out.loss.item()} at step {step}.")
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    sae.before_step()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    opt.step()
+    sae.after_step()
+    with torch.no_grad():
+        fired, _ = code_stats(out.z)
+        tokens_since_fired += x.shape[0]
+        tokens_since_fired[fired] = 0
+    return out
+
+
 def train(
     cfg: TrainConfig,
     data: BatchSource,
@@ -228,7 +291,7 @@ def train(
         sae_kwargs["input_scale"] = input_scale_for(sample)
     device = torch.device(cfg.device)
     sae = build_sae(cfg.architecture, **sae_kwargs).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    opt = make_optimizer(sae, cfg)
     tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
     start = 0
     if resume and (out_dir / CHECKPOINT_DIR).exists():
@@ -258,36 +321,20 @@ def train(
     step = start
     for step in range(start, end):
         x = sae.scale_in(next(batches).to(device, non_blocking=True))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        ctx = TrainContext(
-            step=step, total_steps=cfg.steps, dead_mask=tokens_since_fired >= cfg.dead_after_tokens
-        )
-        out = sae.loss(x, ctx)
-        if not torch.isfinite(out.loss):
+        try:
+            out = train_step(sae, opt, x, step, cfg, tokens_since_fired)
+        except TrainingDiverged as err:
             bar.close()
             raise TrainingDiverged(
-                f"{cfg.architecture}: loss is {out.loss.item()} at step {step}. The last good "
-                f"checkpoint in {out_dir / CHECKPOINT_DIR} is intact; lower `lr` or check the data."
-            )
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.before_step()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sae.after_step()
-
-        with torch.no_grad():
-            fired = (out.z > 0).any(0)
-            tokens_since_fired += x.shape[0]
-            tokens_since_fired[fired] = 0
+                f"{err} The last good checkpoint in {out_dir / CHECKPOINT_DIR} is intact; "
+                "lower `lr` or check the data."
+            ) from None
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             with torch.no_grad():
                 metrics = {
                     "loss": out.loss.item(),
                     "fvu": fvu(x, out.x_hat).item(),
-                    "l0": (out.z > 0).float().sum(-1).mean().item(),
+                    "l0": code_stats(out.z)[1].item(),
                     "dead_fraction": (tokens_since_fired >= cfg.dead_after_tokens)
                     .float()
                     .mean()

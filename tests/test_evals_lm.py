@@ -21,7 +21,10 @@ from common.evals.absorption import (
     absorption_from_activations,
     feature_absorption,
     first_letter_vocab,
+    fit_first_letter_probe,
+    letter_absorption,
     word_absorption,
+    word_activations,
 )
 from common.evals.contexts import top_activating_contexts
 from common.evals.downstream import downstream_loss, site_activations
@@ -326,6 +329,70 @@ def test_word_absorption_partial_fraction() -> None:
     # fraction (>= 0.1); cos 0.02 counts for neither.
     assert run(0, 0, 30, 0) == (0.0, True)
     assert run(0, 0, 0, 100) == (0.0, False)
+
+
+def test_letter_absorption_equals_word_absorption_row_by_row() -> None:
+    """The batched form gives, word for word, the per-word definition (all branches hit)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, d_sae = 300, 16, 40
+    w_dec = torch.randn(d_sae, d, generator=g)
+    w_dec[:8] = w_dec[:8] / w_dec[:8].norm(dim=1, keepdim=True) * 0.5  # non-unit norms too
+    direction = torch.randn(d, generator=g)
+    z = torch.relu(torch.randn(n, d_sae, generator=g)) * (torch.rand(n, d_sae, generator=g) < 0.2)
+    x = z @ w_dec + 0.3 * torch.randn(n, d, generator=g)
+    main = [int((w_dec @ direction).argmax()), 5]
+    z[::4, main] = 0  # main latents off: full absorption and fraction 1 become possible
+    fractions, fulls = letter_absorption(x, z, w_dec, direction, main)
+    expected = [word_absorption(x[i], z[i], w_dec, direction, main) for i in range(n)]
+    assert fractions == pytest.approx([f for f, _ in expected], abs=1e-5)
+    assert fulls.tolist() == [full for _, full in expected]
+    assert len({round(float(f), 3) for f in fractions}) > 3 and 0 < fulls.mean() < 1
+
+
+def test_a_fitted_probe_reused_across_saes_changes_nothing() -> None:
+    x, letters, sae, _ = _absorption_data(absorb=True)
+    probe = fit_first_letter_probe(x, letters, seed=0)
+    fresh = absorption_from_activations(sae, x, letters, seed=0)
+    reused = absorption_from_activations(sae, x, letters, probe=probe)
+    assert reused.metrics == fresh.metrics
+    assert reused.letters["s"].word_fractions == fresh.letters["s"].word_fractions
+    with pytest.raises(ValueError, match="same words"):
+        absorption_from_activations(sae, x[:-1], letters[:-1], probe=probe)
+
+
+def test_absorption_reads_activations_in_the_units_the_sae_was_trained_in() -> None:
+    """An SAE trained on x * 3 (normalised activations) with W_enc / 3 and W_dec * 3 is the
+    planted SAE in other units: the same codes, the same absorption."""
+    x, letters, sae, _ = _absorption_data(absorb=True)
+    scaled = build_sae("relu", d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, input_scale=3.0)
+    with torch.no_grad():
+        scaled.W_enc.copy_(sae.W_enc / 3)
+        scaled.W_dec.copy_(sae.W_dec * 3)
+        scaled.b_enc.copy_(sae.b_enc)
+        scaled.b_dec.zero_()
+    expected = absorption_from_activations(sae, x, letters, seed=0).metrics
+    assert expected["absorption_full_rate"] > 0
+    got = absorption_from_activations(scaled.eval(), x, letters, seed=0).metrics
+    assert got == pytest.approx(expected)
+
+
+def test_word_activations_with_a_cached_prefix_equal_the_full_forward(llama) -> None:
+    """The prefix's keys and values are computed once; each word then runs alone."""
+
+    class Tok:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [2 + ord(ch) % (VOCAB - 2) for ch in text]}
+
+    words = list(range(2, VOCAB))
+    for site in ("resid_post.0", "resid_post.1"):
+        fast = word_activations(llama, site, Tok(), words, prefix="ab c\n", batch_size=16)
+        slow = word_activations(
+            llama, site, Tok(), words, prefix="ab c\n", batch_size=16, reuse_prefix=False
+        )
+        assert fast.shape == (len(words), D)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
 
 
 def test_first_letter_vocab_keeps_space_prefixed_words() -> None:

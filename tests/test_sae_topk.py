@@ -17,7 +17,7 @@ from torch.autograd import gradcheck
 from common import toy
 from common.evals.ground_truth import random_dictionary_baseline, recovery_metrics
 from common.sae import SAE, TrainContext, available_architectures, build_sae, sparse_ops
-from common.sae.base import fvu
+from common.sae.base import code_stats, fvu, remove_parallel_grad_
 from common.sae.sparse_ops import selected_preacts, sparse_decode, topk_preacts
 from common.train import TensorBatches, TrainConfig, train
 
@@ -198,6 +198,13 @@ def test_sparse_code_output_matches_dense(arch: str) -> None:
     assert sparse.z.is_sparse and sparse.z.shape == dense.z.shape
     assert torch.allclose(sparse.z.to_dense(), dense.z.detach())
     assert sparse.loss.item() == pytest.approx(dense.loss.item())
+    # what the trainer reads from either code: the latents that fired, and L0
+    (fired_dense, l0_dense), (fired_sparse, l0_sparse) = code_stats(dense.z), code_stats(sparse.z)
+    mask = torch.zeros(96, dtype=torch.bool)
+    mask[fired_sparse] = True
+    assert torch.equal(mask, fired_dense) and 0 < mask.sum() < 96
+    assert l0_sparse.item() == pytest.approx(l0_dense.item())
+    assert l0_dense.item() == pytest.approx((dense.z > 0).float().sum(1).mean().item())
 
 
 def test_init_scale_fits_the_first_reconstruction() -> None:
@@ -227,6 +234,16 @@ def test_decoder_rows_stay_unit_norm() -> None:
     assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-4  # the step leaves the sphere ...
     sae.after_step()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6)  # ... and is put back
+
+
+def test_tangent_gradient_matches_the_projection_formula() -> None:
+    """g_i - <g_i, u_i> u_i with u_i = w_i / ||w_i||, on rows of any norm."""
+    w = torch.nn.Parameter(torch.randn(40, 12) * torch.rand(40, 1) * 3)
+    w.grad = torch.randn(40, 12)
+    unit = w.detach() / w.detach().norm(dim=1, keepdim=True)
+    expected = w.grad - (w.grad * unit).sum(1, keepdim=True) * unit
+    remove_parallel_grad_(w)
+    assert torch.allclose(w.grad, expected, atol=1e-6)
 
 
 # --- persistence ---------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The one trainer: determinism, resume, divergence, bad input, the command line."""
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -8,10 +10,21 @@ import torch
 from safetensors.torch import save_file
 
 from common.activations.files import check_activations, load_activation_file
-from common.sae import SAE, LossOutput, register
+from common.sae import SAE, LossOutput, available_architectures, build_sae, register
+from common.sae.registry import get_architecture
 from common.sae.relu import ReluConfig, ReluSAE
 from common.toy import superposition
-from common.train import TensorBatches, TrainConfig, TrainingDiverged, lr_factor, main, train
+from common.train import (
+    TensorBatches,
+    TrainConfig,
+    TrainingDiverged,
+    load_checkpoint,
+    lr_factor,
+    main,
+    make_optimizer,
+    train,
+    train_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +57,96 @@ def test_same_seed_same_weights_and_different_seed_differs(toy, tmp_path):
     assert not torch.equal(a.W_dec, c.W_dec)
 
 
-def test_resume_after_interruption_gives_the_same_final_weights(toy, tmp_path):
-    full = train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "full", progress=False)
-    train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "cut", progress=False, stop_after=17)
+RESUMABLE = {
+    "relu": {},
+    # TopK: sparse code, W_enc stored transposed, AuxK on after two batches without firing
+    "topk": {"architecture": "topk", "sae": {"d_sae": 64, "k": 4}, "dead_after_tokens": 256},
+}
+
+
+@pytest.mark.parametrize("arch", list(RESUMABLE))
+def test_resume_after_interruption_gives_the_same_final_weights(toy, tmp_path, arch):
+    cfg = _cfg(**RESUMABLE[arch])
+    full = train(cfg, TensorBatches(toy.x, 128), tmp_path / "full", progress=False)
+    train(cfg, TensorBatches(toy.x, 128), tmp_path / "cut", progress=False, stop_after=17)
     ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
     assert ckpt["step"] == 17 and not (tmp_path / "cut" / "sae").exists()
-    resumed = train(_cfg(), TensorBatches(toy.x, 128), tmp_path / "cut", progress=False)
+    resumed = train(cfg, TensorBatches(toy.x, 128), tmp_path / "cut", progress=False)
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert (tmp_path / "cut" / "sae" / "sae.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", list(RESUMABLE))
+def test_restored_adam_moments_have_their_parameters_strides(toy, tmp_path, arch):
+    """Fused Adam treats parameter and moments as flat memory: a contiguous moment beside the
+    transposed W_enc would be silently mis-updated, so a resume must restore the strides."""
+    cfg = _cfg(**RESUMABLE[arch])
+    train(cfg, TensorBatches(toy.x, 128), tmp_path, progress=False, stop_after=3)
+    sae = build_sae(cfg.architecture, d_in=toy.x.shape[1], **cfg.sae)
+    opt = make_optimizer(sae, cfg)
+    load_checkpoint(tmp_path, sae, opt)
+    assert not sae.W_enc.is_contiguous()  # the case that matters is present
+    for name, param in sae.named_parameters():
+        state = opt.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].stride() == param.stride(), (name, key)
+            assert state[key].device == param.device
+
+
+def _small_sae(arch: str, d_in: int) -> SAE:
+    fields = {f.name for f in dataclasses.fields(get_architecture(arch).config_class)}
+    hyper = {"k": 4} if "k" in fields else {}
+    hyper |= {"ks": [4, 8]} if "ks" in fields else {}
+    return build_sae(arch, d_in=d_in, d_sae=64, **hyper)
+
+
+@pytest.mark.parametrize(
+    "arch", [a for a in available_architectures() if not a.startswith("test_")]
+)
+def test_fused_adam_steps_match_plain_adam(arch):
+    """The trainer's fused Adam reads parameter, gradient and moments as flat memory; any stride
+    mismatch (W_enc is stored transposed) would make it disagree with per-element Adam."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16)
+    sae = _small_sae(arch, 16)
+    sae.init_from_data(x)
+    twin, initial = copy.deepcopy(sae), copy.deepcopy(sae)
+    cfg = TrainConfig(architecture=arch, lr=1e-2)
+    fused = make_optimizer(sae, cfg)
+    assert fused.defaults["fused"]
+    plain = torch.optim.Adam(twin.parameters(), lr=cfg.lr, betas=cfg.adam_betas, foreach=False)
+    tokens = [torch.zeros(64, dtype=torch.long) for _ in range(2)]
+    for step in range(3):
+        batch = x[step * 64 : (step + 1) * 64]
+        train_step(sae, fused, batch, step, cfg, tokens[0])
+        train_step(twin, plain, batch, step, cfg, tokens[1])
+    moved = False
+    for (name, a), b, a0 in zip(
+        sae.named_parameters(), twin.parameters(), initial.parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+        moved |= not torch.allclose(a, a0, atol=1e-4)
+    assert moved
+
+
+def test_firing_counts_from_the_sparse_code_match_the_dense_code(toy):
+    """``train_step`` reads firing from the sparse TopK code; the dense code must agree."""
+    cfg = _cfg(architecture="topk", sae={"d_sae": 64, "k": 4}, dead_after_tokens=256)
+    counters = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        sae = build_sae("topk", d_in=toy.x.shape[1], **cfg.sae)
+        sae.init_from_data(toy.x[:512])
+        if not sparse:  # the dense code, through the same step
+            sae.loss_with_sparse_code = sae.loss  # type: ignore[method-assign]
+        opt, tokens = make_optimizer(sae, cfg), torch.zeros(64, dtype=torch.long)
+        for step in range(6):
+            out = train_step(sae, opt, toy.x[step * 128 : (step + 1) * 128], step, cfg, tokens)
+            assert out.z.is_sparse == sparse
+        counters.append(tokens)
+    assert torch.equal(*counters)
+    assert (counters[0] > 0).any() and (counters[0] == 0).any()
 
 
 def test_incompatible_checkpoint_on_resume_is_a_clear_error(toy, tmp_path):

@@ -35,6 +35,12 @@ itself. Following SAEBench's absorption eval (paper 19; ``sae_bench/evals/absorp
    (letters whose probe test F1 >= ``min_probe_f1``), SAEBench's ``mean_absorption_fraction_score``
    and ``mean_full_absorption_score``.
 
+Cost: the prefix is the same for every word, so ``word_activations`` computes its keys and values
+once and runs each word as a single token on top of them (equal to the full forward pass up to
+float rounding); the probe of step 3 depends only on the activations, so
+``fit_first_letter_probe`` can be fitted once and passed to ``absorption_from_activations`` for
+every SAE evaluated on the same words. The SAE reads ``x * input_scale`` (``SAE.scale_in``).
+
 Simplifications relative to SAEBench, all in the interest of CPU minutes:
 * one fixed prefix of three in-context examples instead of up to 10 randomly drawn per word;
 * the ground-truth probe is scikit-learn's multinomial logistic regression and "the probe says L"
@@ -47,6 +53,8 @@ Simplifications relative to SAEBench, all in the interest of CPU minutes:
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,15 +62,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from common.evals.downstream import (
     bos_token_id,
-    sae_codes,
+    model_device,
     sequence_site,
     site_activations,
     unwrap_model,
 )
+from common.models.sites import ResolvedSite
 from common.sae.base import SAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -70,6 +79,10 @@ DEFAULT_PREFIX = (
     "tree has the first letter: T\nhouse has the first letter: H\nwater has the first letter: W\n"
 )
 EPS = 1e-8
+
+
+class _StopAtSite(Exception):
+    """Raised by a capture hook: the layers after the site never run."""
 
 
 def first_letter_vocab(tokenizer: Any, min_letters: int = 2) -> tuple[list[int], list[str]]:
@@ -86,6 +99,73 @@ def first_letter_vocab(tokenizer: Any, min_letters: int = 2) -> tuple[list[int],
     return ids, words
 
 
+def _cache_keyword(net: nn.Module) -> str:
+    """``cache`` in recent transformers (``past_key_values`` is deprecated there), else the old."""
+    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(net: nn.Module, resolved: ResolvedSite, head: Sequence[int]) -> Any | None:
+    """Keys and values of ``head`` (the shared prefix), or None when the model keeps no cache.
+
+    The forward pass stops at the site, so only the layers up to it are filled; that is all the
+    word tokens need, since their forward pass stops there too.
+    """
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    config = getattr(net, "config", None)
+    if not getattr(config, "use_cache", False) or not getattr(config, "is_decoder", True):
+        return None
+    cache = DynamicCache(config=config)
+    captured: list[Tensor] = []
+
+    def grab(x: Tensor) -> None:
+        captured.append(x)
+        raise _StopAtSite
+
+    handle = resolved.register(grab)
+    try:
+        ids = torch.tensor([list(head)], device=model_device(net))
+        net(input_ids=ids, use_cache=True, **{_cache_keyword(net): cache})
+    except _StopAtSite:
+        pass
+    except (TypeError, ValueError):  # a model whose forward takes no cache
+        return None
+    finally:
+        handle.remove()
+    return cache if captured and cache.get_seq_length() == len(head) else None
+
+
+@torch.no_grad()
+def _word_activations_cached(
+    net: nn.Module, resolved: ResolvedSite, cache: Any, token_ids: Sequence[int], batch_size: int
+) -> Tensor:
+    """The site's activation at one word token appended to the cached prefix, batch by batch."""
+    device = model_device(net)
+    out = []
+    for start in range(0, len(token_ids), batch_size):
+        words = torch.tensor(list(token_ids[start : start + batch_size]), dtype=torch.long)
+        batch_cache = copy.deepcopy(cache)
+        batch_cache.batch_repeat_interleave(len(words))
+        captured: list[Tensor] = []
+
+        def grab(x: Tensor, captured: list[Tensor] = captured) -> None:
+            captured.append(x.detach())
+            raise _StopAtSite
+
+        handle = resolved.register(grab)
+        try:
+            ids = words[:, None].to(device)
+            net(input_ids=ids, use_cache=True, **{_cache_keyword(net): batch_cache})
+        except _StopAtSite:
+            pass
+        finally:
+            handle.remove()
+        out.append(captured[0][:, -1].float().cpu())
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def word_activations(
     model: Any,
@@ -94,14 +174,24 @@ def word_activations(
     token_ids: Sequence[int],
     prefix: str = DEFAULT_PREFIX,
     batch_size: int = 64,
+    reuse_prefix: bool = True,
 ) -> Tensor:
-    """(n_words, d): the site's activation at the word token of [BOS] + prefix + word."""
+    """(n_words, d): the site's activation at the word token of [BOS] + prefix + word.
+
+    Every word shares the same [BOS] + prefix, so with ``reuse_prefix`` (the default) its keys and
+    values are computed once and each word costs one token's forward pass instead of the whole
+    sequence's (~30x less compute with the default prefix). The result equals the full forward
+    pass up to float rounding; ``reuse_prefix=False`` (or a model without a KV cache) runs it.
+    """
     net = unwrap_model(model)
     resolved = sequence_site(net, site)
     bos = bos_token_id(tokenizer)
     head = ([] if bos is None else [bos]) + list(
         tokenizer(prefix, add_special_tokens=False)["input_ids"]
     )
+    cache = _prefix_cache(net, resolved, head) if reuse_prefix and head else None
+    if cache is not None:
+        return _word_activations_cached(net, resolved, cache, token_ids, batch_size)
     out = []
     for start in range(0, len(token_ids), batch_size):
         words = torch.tensor(list(token_ids[start : start + batch_size]), dtype=torch.long)
@@ -225,19 +315,92 @@ def word_absorption(
 
 
 @torch.no_grad()
-def absorption_from_activations(
-    sae: SAE,
+def letter_absorption(
+    x: Tensor,
+    z: Tensor,
+    w_dec: Tensor,
+    probe_direction: Tensor,
+    main: Sequence[int],
+    *,
+    fraction_cos: float = 0.1,
+    full_cos: float = 0.025,
+    proportion: float = 0.4,
+    max_absorbing: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``word_absorption`` for many words of one letter at once: rows of ``x`` (n, d), ``z``.
+
+    Returns (fractions (n,), full (n,) booleans), equal to calling ``word_absorption`` per row.
+    """
+    p = probe_direction.float() / probe_direction.norm()
+    a = (x.float() @ p).double()
+    proj = w_dec.float() @ p
+    cos = proj / w_dec.norm(dim=1).clamp_min(EPS)
+    c = z.float() * proj
+    is_main = torch.zeros(c.shape[1], dtype=torch.bool)
+    is_main[list(main)] = True
+    main_proj = c[:, is_main].sum(1).double()
+    eligible = (~is_main & (cos >= fraction_cos))[None, :] & (c > 0)
+    candidates = torch.where(eligible, c, torch.zeros_like(c))
+    n_top = min(max_absorbing, c.shape[1])
+    absorb = candidates.topk(n_top, dim=1).values.sum(1).double()
+    safe_a = torch.where(a > 0, a, torch.ones_like(a))
+    m = torch.minimum(absorb, a - main_proj)
+    partial = (m / (m + main_proj).clamp_min(EPS)).clamp(0.0, 1.0)
+    fraction = torch.where(main_proj <= 0, torch.ones_like(a), partial)
+    no_absorption = (a <= 0) | (main_proj >= a) | (absorb / safe_a < proportion)
+    fraction = torch.where(no_absorption, torch.zeros_like(a), fraction)
+    others = c.masked_fill(is_main[None, :], -torch.inf)
+    top = others.argmax(1)
+    c_top = others.gather(1, top[:, None]).squeeze(1).double()
+    full = (
+        (z[:, is_main] < EPS).all(1)
+        & (cos[top] >= full_cos)
+        & (a > 0)
+        & (c_top / safe_a >= proportion)
+    )
+    return fraction.numpy(), full.numpy()
+
+
+@torch.no_grad()
+def _codes(sae: SAE, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Codes of rows ``x`` already in the SAE's units, in eval mode, as float32 on the CPU."""
+    was_training = sae.training
+    sae.eval()
+    param = next(sae.parameters())
+    try:
+        return torch.cat(
+            [sae.encode(c.to(param.device, param.dtype)).float().cpu() for c in x.split(batch_size)]
+        )
+    finally:
+        sae.train(was_training)
+
+
+@dataclass
+class FirstLetterProbe:
+    """Step 3 of the module docstring, fitted once per set of word activations.
+
+    The probe depends on the activations only, not on the SAE, so fit it once
+    (``fit_first_letter_probe``) and pass it to ``absorption_from_activations`` for every SAE.
+    """
+
+    labels: np.ndarray  # (n,) lower-case first letters
+    train: np.ndarray  # row indices
+    test: np.ndarray
+    classes: np.ndarray  # letters in the order of ``directions``
+    directions: np.ndarray  # (n_classes, d) probe weight vectors w_L
+    predicted: np.ndarray  # (len(test),) the probe's letter for each test row
+    accuracy: float
+
+
+def fit_first_letter_probe(
     x: Tensor,
     letters: Sequence[str],
     *,
     test_fraction: float = 0.3,
     seed: int = 0,
-    max_k: int = 10,
-    f1_jump: float = 0.03,
-    min_probe_f1: float = 0.6,
     probe_C: float = 1.0,
-) -> AbsorptionResult:
-    """Steps 3-5 of the module docstring on word activations ``x`` (n, d) with first ``letters``."""
+) -> FirstLetterProbe:
+    """A seeded train/test split of the words and a multinomial logistic-regression probe."""
     from sklearn.linear_model import LogisticRegression
 
     if x.ndim != 2 or len(x) != len(letters):
@@ -258,15 +421,57 @@ def absorption_from_activations(
     probe = LogisticRegression(C=probe_C, max_iter=2000)
     probe.fit(x[train].numpy() / scale, lab[train])
     predicted = probe.predict(x[test].numpy() / scale)
-    accuracy = float((predicted == lab[test]).mean())
+    coef = probe.coef_ if len(probe.classes_) > 2 else np.concatenate([-probe.coef_, probe.coef_])
+    return FirstLetterProbe(
+        labels=lab,
+        train=train,
+        test=test,
+        classes=probe.classes_,
+        directions=coef,
+        predicted=predicted,
+        accuracy=float((predicted == lab[test]).mean()),
+    )
 
-    z = sae_codes(sae, x)
+
+@torch.no_grad()
+def absorption_from_activations(
+    sae: SAE,
+    x: Tensor,
+    letters: Sequence[str],
+    *,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    max_k: int = 10,
+    f1_jump: float = 0.03,
+    min_probe_f1: float = 0.6,
+    probe_C: float = 1.0,
+    probe: FirstLetterProbe | None = None,
+) -> AbsorptionResult:
+    """Steps 3-5 of the module docstring on word activations ``x`` (n, d) with first ``letters``.
+
+    ``probe``: a ``fit_first_letter_probe`` result for these same ``x`` and ``letters`` (then
+    ``test_fraction``, ``seed`` and ``probe_C`` are not used); by default one is fitted here.
+    """
+    if probe is None:
+        probe = fit_first_letter_probe(
+            x, letters, test_fraction=test_fraction, seed=seed, probe_C=probe_C
+        )
+    elif len(probe.labels) != len(x) or len(letters) != len(x):
+        raise ValueError(
+            f"the probe was fitted on {len(probe.labels)} words, but x has {len(x)} rows and "
+            f"{len(letters)} letters; fit it on the same words"
+        )
+    # The SAE reads x * input_scale (activations normalised in training); c_i and a are then
+    # both in those units, and every ratio of step 5 is unchanged by the scale.
+    x = sae.scale_in(x.float().cpu())
+    lab, train, test, predicted = probe.labels, probe.train, probe.test, probe.predicted
+
+    z = _codes(sae, x)
     w_dec = sae.decoder_directions.detach().float().cpu()
     z_np = z.numpy()
 
-    coef = probe.coef_ if len(probe.classes_) > 2 else np.concatenate([-probe.coef_, probe.coef_])
     results: dict[str, LetterAbsorption] = {}
-    for class_index, letter in enumerate(probe.classes_):
+    for class_index, letter in enumerate(probe.classes):
         y_train, y_test = lab[train] == letter, lab[test] == letter
         if y_test.sum() == 0 or y_train.sum() == 0:
             continue
@@ -274,13 +479,9 @@ def absorption_from_activations(
         if f1 < min_probe_f1:
             continue
         main = main_latents(z_np[train], y_train, z_np[test], y_test, max_k, f1_jump)
-        direction = torch.as_tensor(coef[class_index], dtype=torch.float32)
+        direction = torch.as_tensor(probe.directions[class_index], dtype=torch.float32)
         rows = test[(predicted == letter) & y_test]
-        fractions, fulls = [], []
-        for row in rows:
-            fraction, full = word_absorption(x[row], z[row], w_dec, direction, main)
-            fractions.append(fraction)
-            fulls.append(full)
+        fractions, fulls = letter_absorption(x[rows], z[rows], w_dec, direction, main)
         results[str(letter)] = LetterAbsorption(
             letter=str(letter),
             main_latents=main,
@@ -288,11 +489,11 @@ def absorption_from_activations(
             n_true_positives=len(rows),
             mean_fraction=float(np.mean(fractions)),
             full_rate=float(np.mean(fulls)),
-            word_fractions=fractions,
-            word_full=fulls,
+            word_fractions=[float(f) for f in fractions],
+            word_full=[bool(f) for f in fulls],
             word_indices=[int(r) for r in rows],
         )
-    return AbsorptionResult(results, accuracy, [int(t) for t in test])
+    return AbsorptionResult(results, probe.accuracy, [int(t) for t in test])
 
 
 def feature_absorption(

@@ -10,9 +10,9 @@ Conventions (shared by every file in this package, and by the SAELens on-disk fo
   ``forward(x) -> x_hat``, ``loss(x, ctx) -> LossOutput``.
 
 The trainer (``common.train``) only talks to this interface: it calls ``init_from_data`` once on a
-sample, ``loss`` every step, ``before_step`` between backward and the optimizer step,
-``after_step`` after every optimizer step (decoder-norm constraints and
-other projections live there), and ``save`` / ``load`` for checkpoints.
+sample, ``loss_with_sparse_code`` (``loss`` unless overridden) every step, ``before_step`` between
+backward and the optimizer step, ``after_step`` after every optimizer step (decoder-norm
+constraints and other projections live there), and ``save`` / ``load`` for checkpoints.
 """
 
 from __future__ import annotations
@@ -100,6 +100,12 @@ class SAE(nn.Module):
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
         raise NotImplementedError
 
+    def loss_with_sparse_code(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        """``loss``, but ``z`` may be a sparse COO tensor (the trainer reads firing and L0 from
+        its entries, see ``code_stats``). Architectures with a k-sparse code override this to
+        skip building a dense (batch, d_sae) ``z``; the default is ``loss``."""
+        return self.loss(x, ctx)
+
     def scale_in(self, x: Tensor) -> Tensor:
         """Raw activations -> the units the SAE was trained in (``x * input_scale``)."""
         return x if self.cfg.input_scale == 1.0 else x * self.cfg.input_scale
@@ -175,15 +181,60 @@ def unit_norm_rows_(weight: Tensor, eps: float = 1e-8) -> None:
 
 
 def remove_parallel_grad_(weight: Tensor, eps: float = 1e-8) -> None:
-    """In place on ``weight.grad``: drop the component of each row's gradient along the row.
+    """In place on ``weight.grad``: drop the component of each row's gradient along the row,
+
+        g_i <- g_i - (<g_i, w_i> / max(||w_i||, eps)^2) w_i.
 
     With unit-norm decoder rows this keeps the optimizer step tangent to the sphere, so the
-    renormalisation after the step changes the direction as little as possible.
+    renormalisation after the step changes the direction as little as possible. Two row-wise dot
+    products and one fused multiply-add: no (d_sae, d_in) temporary.
     """
-    if weight.grad is None:
+    grad = weight.grad
+    if grad is None:
         return
-    unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(eps)
-    weight.grad.sub_((weight.grad * unit).sum(1, keepdim=True) * unit)
+    w = weight.detach()
+    coef = torch.einsum("ij,ij->i", grad, w)
+    coef.div_(torch.einsum("ij,ij->i", w, w).clamp_min_(eps * eps))
+    grad.addcmul_(w, coef.unsqueeze(1), value=-1.0)
+
+
+class UnitNormDecoderSAE(SAE):
+    """An SAE whose decoder rows are kept at unit norm (Bricken et al. 2023; Gao et al. 2024):
+    ``before_step`` makes the gradient of each row tangent to the sphere (``remove_parallel_grad_``)
+    and ``after_step`` renormalises the rows (``unit_norm_rows_``).
+
+    Subclasses whose constraint is optional override ``unit_norm_decoder``.
+    """
+
+    def unit_norm_decoder(self) -> nn.Parameter | None:
+        """The ``(d_sae, d_in)`` decoder parameter held to unit-norm rows, or None if free."""
+        return self.W_dec  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        weight = self.unit_norm_decoder()
+        if weight is not None:
+            remove_parallel_grad_(weight)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        weight = self.unit_norm_decoder()
+        if weight is not None:
+            unit_norm_rows_(weight.data)
+
+
+def code_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(fired, l0)`` of a code ``z`` (batch, d_sae), dense or sparse COO: ``fired`` indexes the
+    latents with a positive value on some token (a boolean mask, or latent indices for a sparse
+    code), ``l0`` is the mean number of positive entries per token (a 0-d tensor).
+
+    For a sparse code this reads only its entries, not a (batch, d_sae) matrix.
+    """
+    if z.is_sparse:
+        positive = z._values() > 0  # entries need not be coalesced: a k-sparse code has no repeats
+        return z._indices()[1][positive], positive.sum() / z.shape[0]
+    positive = z > 0
+    return positive.any(0), positive.sum(-1, dtype=z.dtype).mean()
 
 
 def reconstruction_mse(x: Tensor, x_hat: Tensor) -> Tensor:

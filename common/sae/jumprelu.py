@@ -35,13 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from common.sae.base import (
-    SAE,
     LossOutput,
     SAEConfig,
     TrainContext,
+    UnitNormDecoderSAE,
     fvu,
     reconstruction_mse,
-    remove_parallel_grad_,
     unit_norm_rows_,
 )
 from common.sae.registry import register
@@ -112,7 +111,7 @@ class JumpReluConfig(SAEConfig):
 
 
 @register
-class JumpReluSAE(SAE):
+class JumpReluSAE(UnitNormDecoderSAE):
     name = "jumprelu"
     config_class = JumpReluConfig
     cfg: JumpReluConfig
@@ -160,12 +159,5 @@ class JumpReluSAE(SAE):
         }
         return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
 
-    @torch.no_grad()
-    def before_step(self) -> None:
-        if self.cfg.unit_norm_decoder:
-            remove_parallel_grad_(self.W_dec)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        if self.cfg.unit_norm_decoder:
-            unit_norm_rows_(self.W_dec.data)
+    def unit_norm_decoder(self) -> nn.Parameter | None:
+        return self.W_dec if self.cfg.unit_norm_decoder else None

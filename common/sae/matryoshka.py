@@ -47,13 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from common.sae.base import (
-    SAE,
     LossOutput,
     SAEConfig,
     TrainContext,
+    UnitNormDecoderSAE,
     fvu,
     reconstruction_mse,
-    remove_parallel_grad_,
     unit_norm_rows_,
 )
 from common.sae.registry import register
@@ -90,7 +89,7 @@ def auxk_loss(
     return reconstruction_mse(residual, z_aux @ W_dec)
 
 
-class _UnitNormSAE(SAE):
+class _UnitNormSAE(UnitNormDecoderSAE):
     """Shared parameters and decoder constraints of the two Matryoshka variants."""
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -107,14 +106,6 @@ class _UnitNormSAE(SAE):
 
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        unit_norm_rows_(self.W_dec.data)
 
 
 # --- paper 22: nested dictionaries ----------------------------------------------------------------

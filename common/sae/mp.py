@@ -37,13 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.sae.base import (
-    SAE,
     LossOutput,
     SAEConfig,
     TrainContext,
+    UnitNormDecoderSAE,
     fvu,
     reconstruction_mse,
-    remove_parallel_grad_,
     unit_norm_rows_,
 )
 from common.sae.registry import register
@@ -124,7 +123,7 @@ def matching_pursuit(
 
 
 @register
-class MPSAE(SAE):
+class MPSAE(UnitNormDecoderSAE):
     name = "mp"
     config_class = MPConfig
     cfg: MPConfig
@@ -151,11 +150,3 @@ class MPSAE(SAE):
         z = values.new_zeros(x.shape[0], self.cfg.d_sae).scatter_add(-1, indices, values)
         terms = {"mse": mse.item(), "fvu": fvu(x, x_hat).item()}
         return LossOutput(loss=mse, x_hat=x_hat, z=z, terms=terms)
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        unit_norm_rows_(self.W_dec.data)

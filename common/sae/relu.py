@@ -21,13 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from common.sae.base import (
-    SAE,
     LossOutput,
     SAEConfig,
     TrainContext,
+    UnitNormDecoderSAE,
     fvu,
     reconstruction_mse,
-    remove_parallel_grad_,
     unit_norm_rows_,
 )
 from common.sae.registry import register
@@ -57,7 +56,7 @@ def l1_schedule(coefficient: float, warmup_steps: int, step: int) -> float:
 
 
 @register
-class ReluSAE(SAE):
+class ReluSAE(UnitNormDecoderSAE):
     name = "relu"
     config_class = ReluConfig
     cfg: ReluConfig
@@ -111,15 +110,14 @@ class ReluSAE(SAE):
         }
         return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
 
-    @torch.no_grad()
-    def before_step(self) -> None:
-        if self.cfg.unit_norm_decoder and not self.cfg.tied:
-            remove_parallel_grad_(self.W_dec)
+    def unit_norm_decoder(self) -> nn.Parameter | None:
+        # Tied: the decoder rows are columns of W_enc, whose gradient also carries the encoder's,
+        # so they are only renormalised (below), not given a tangent gradient.
+        return self.W_dec if self.cfg.unit_norm_decoder and not self.cfg.tied else None
 
     @torch.no_grad()
     def after_step(self) -> None:
-        if self.cfg.unit_norm_decoder:
-            if self.cfg.tied:
-                unit_norm_rows_(self.W_enc.data.T)  # a view: rows of M are columns of W_enc
-            else:
-                unit_norm_rows_(self.W_dec.data)
+        if self.cfg.unit_norm_decoder and self.cfg.tied:
+            unit_norm_rows_(self.W_enc.data.T)  # a view: rows of M are columns of W_enc
+        else:
+            super().after_step()

@@ -32,13 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from common.sae.base import (
-    SAE,
     LossOutput,
     SAEConfig,
     TrainContext,
+    UnitNormDecoderSAE,
     fvu,
     reconstruction_mse,
-    remove_parallel_grad_,
     unit_norm_rows_,
 )
 from common.sae.registry import register
@@ -86,7 +85,7 @@ class Routed(NamedTuple):
 
 
 @register
-class SwitchSAE(SAE):
+class SwitchSAE(UnitNormDecoderSAE):
     name = "switch"
     config_class = SwitchConfig
     cfg: SwitchConfig
@@ -175,11 +174,3 @@ class SwitchSAE(SAE):
         }
         z = self._dense(routed._replace(top_values=routed.top_values.detach()))
         return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        unit_norm_rows_(self.W_dec.data)

@@ -42,13 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from common.sae.base import (
-    SAE,
     LossOutput,
     SAEConfig,
     TrainContext,
+    UnitNormDecoderSAE,
     fvu,
     reconstruction_mse,
-    remove_parallel_grad_,
     unit_norm_rows_,
 )
 from common.sae.registry import register
@@ -119,7 +118,7 @@ def _aux_selection(pre: Tensor, dead: Tensor, k_aux: int) -> Selection:
 
 
 @register
-class TopKSAE(SAE):
+class TopKSAE(UnitNormDecoderSAE):
     name = "topk"
     config_class = TopKConfig
     cfg: TopKConfig
@@ -257,14 +256,6 @@ class TopKSAE(SAE):
             terms["fvu"] = fvu(x, x_hat).item()
             terms["n_dead"] = 0.0 if dead is None else float(dead.numel())
         return LossOutput(loss=loss, x_hat=x_hat, z=out.z, terms=terms), out
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        unit_norm_rows_(self.W_dec.data)
 
 
 @dataclass
