@@ -456,3 +456,23 @@ def test_first_letter_probe_on_smollm2() -> None:
     if out["absorption_n_letters"] > 0:
         assert 0.0 <= out["absorption_fraction"] <= 1.0
         assert 1 <= out["absorption_mean_split_features"] <= 3
+
+
+def test_splice_and_codes_use_the_units_the_sae_was_trained_in() -> None:
+    """An SAE trained on normalised activations (input_scale != 1) is spliced and probed in the
+    same units as the one evaluation entry point: scale_in before encode, scale_out after decode."""
+    from common.evals.downstream import sae_codes, sae_reconstruction
+    from common.evals.evaluate import encode_decode
+
+    torch.manual_seed(0)
+    sae = build_sae("relu", d_in=16, d_sae=32, input_scale=0.05)
+    with torch.no_grad():  # biases make the SAE non-homogeneous, as trained SAEs are
+        for name, p in sae.named_parameters():
+            if name.startswith("b_"):
+                p.normal_()
+    x = 40 * torch.randn(64, 16)
+    z, x_hat = encode_decode(sae, x)
+    sae.eval()
+    assert torch.allclose(sae_reconstruction(sae)(x), x_hat, atol=1e-5)
+    assert torch.allclose(sae_codes(sae, x), z, atol=1e-6)
+    assert not torch.allclose(sae.decode(sae.encode(x)), x_hat, atol=1e-3)  # the old, unscaled

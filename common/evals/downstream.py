@@ -162,25 +162,32 @@ def _splice(keep: Tensor, values: Callable[[Tensor], Tensor]) -> Callable[[Tenso
 
 
 def sae_reconstruction(sae: SAE) -> Callable[[Tensor], Tensor]:
-    """rows (n, d) -> decode(encode(rows)), computed on the SAE's device and dtype."""
+    """rows (n, d) -> scale_out(decode(encode(scale_in(rows)))), on the SAE's device and dtype.
+
+    ``scale_in`` / ``scale_out`` map raw activations to the units the SAE was trained in and back
+    (``input_scale``, set when the trainer normalises activations)."""
     param = next(sae.parameters())
 
     def fn(rows: Tensor) -> Tensor:
-        x = rows.to(param.device, param.dtype)
-        return sae.decode(sae.encode(x)).to(rows.device)
+        x = sae.scale_in(rows.to(param.device, param.dtype))
+        return sae.scale_out(sae.decode(sae.encode(x))).to(rows.device)
 
     return fn
 
 
 @torch.no_grad()
 def sae_codes(sae: SAE, x: Tensor, batch_size: int = 4096) -> Tensor:
-    """Codes z of rows ``x`` (n, d) in eval mode, batch by batch, returned as float32 on CPU."""
+    """Codes z = encode(scale_in(x)) of raw rows ``x`` (n, d) in eval mode, batch by batch, as
+    float32 on CPU."""
     was_training = sae.training
     sae.eval()
     param = next(sae.parameters())
     try:
         return torch.cat(
-            [sae.encode(c.to(param.device, param.dtype)).float().cpu() for c in x.split(batch_size)]
+            [
+                sae.encode(sae.scale_in(c.to(param.device, param.dtype))).float().cpu()
+                for c in x.split(batch_size)
+            ]
         )
     finally:
         sae.train(was_training)
