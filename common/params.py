@@ -104,6 +104,18 @@ def _sae_hyperparameters(value: Any, key: str) -> None:
             raise ParamsError(f"params.yaml: `{key}.{run}`: {err}") from err
 
 
+AT_LEAST_50 = (lambda v: _is_int(v) and v >= 50, "an integer >= 50")
+PREFIX_FRACTIONS = (
+    lambda v: (
+        isinstance(v, list)
+        and len(v) > 0
+        and all(_is_number(f) and 0 < f <= 1 for f in v)
+        and all(a < b for a, b in zip(v, v[1:], strict=False))
+        and v[-1] == 1
+    ),
+    "an increasing list of numbers in (0, 1] ending at 1.0",
+)
+
 SAE_HYPERPARAMETERS = "sae-hyperparameters"
 PAPER_FOLDERS = "paper-folders"
 
@@ -177,6 +189,68 @@ SCHEMA: dict[str, Any] = {
             "probe_ks": list_of(POS_INT),
             "probe_tasks": POS_INT,
             "probe_min_class_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+        },
+        "02_gated": {
+            "train_tokens": POS_INT,
+            "eval_tokens": POS_INT,
+            "d_sae": POS_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "lr_warmup_steps": NONNEG_INT,
+            "l1_warmup_steps": NONNEG_INT,
+            "relu_l1": list_of(POS_FLOAT, min_len=2),
+            "gated_l1": list_of(POS_FLOAT, min_len=2),
+            "downstream_windows": NONNEG_INT,
+        },
+        "07_topk": {
+            "train_tokens": POS_INT,
+            "eval_tokens": POS_INT,
+            "d_sae": POS_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "lr_warmup_steps": NONNEG_INT,
+            "l1_warmup_steps": NONNEG_INT,
+            "relu_l1": list_of(POS_FLOAT, min_len=2),
+            "topk_k": list_of(POS_INT, min_len=2),
+            "width_k": POS_INT,
+            "widths": list_of(POS_INT, min_len=2),
+            "dead_after_tokens": POS_INT,
+        },
+        "22_matryoshka": {
+            "toy_samples": POS_INT,
+            "toy_parents": POS_INT,
+            "toy_children_per_parent": POS_INT,
+            "toy_d": POS_INT,
+            "toy_k": POS_INT,
+            "toy_steps": POS_INT,
+            "toy_batch_size": POS_INT,
+            "toy_lr": POS_FLOAT,
+            "train_tokens": POS_INT,
+            "eval_tokens": POS_INT,
+            "d_sae": POS_INT,
+            "k": POS_INT,
+            "prefix_fractions": PREFIX_FRACTIONS,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "lr_warmup_steps": NONNEG_INT,
+            "absorption_words": AT_LEAST_50,
+        },
+        "45_absorption": {
+            "architecture": one_of("topk", "batchtopk"),
+            "train_tokens": POS_INT,
+            "eval_tokens": POS_INT,
+            "widths": list_of(POS_INT, min_len=2),
+            "width_sweep_k": POS_INT,
+            "ks": list_of(POS_INT, min_len=2),
+            "k_sweep_width": POS_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "lr_warmup_steps": NONNEG_INT,
+            "absorption_words": AT_LEAST_50,
         },
     },
 }
