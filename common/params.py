@@ -104,6 +104,24 @@ def _sae_hyperparameters(value: Any, key: str) -> None:
             raise ParamsError(f"params.yaml: `{key}.{run}`: {err}") from err
 
 
+AT_LEAST_2 = (lambda v: _is_int(v) and v >= 2, "an integer >= 2")
+INT_LIST_STRING = (
+    lambda v: isinstance(v, str) and all(p.strip().isdigit() and int(p) > 0 for p in v.split(",")),
+    'a comma-separated string of positive integers, e.g. "1,5"',
+)
+
+
+def _is_architecture_list(value: Any) -> bool:
+    from common.sae import available_architectures
+
+    names = value.split(",") if isinstance(value, str) else []
+    return bool(names) and all(n.strip() in available_architectures() for n in names)
+
+
+ARCHITECTURE_LIST = (
+    _is_architecture_list,
+    "a comma-separated string of registry names (common.sae.available_architectures())",
+)
 AT_LEAST_50 = (lambda v: _is_int(v) and v >= 50, "an integer >= 50")
 PREFIX_FRACTIONS = (
     lambda v: (
@@ -217,6 +235,24 @@ SCHEMA: dict[str, Any] = {
             "width_k": POS_INT,
             "widths": list_of(POS_INT, min_len=2),
             "dead_after_tokens": POS_INT,
+        },
+        "19_saebench": {
+            "architectures": ARCHITECTURE_LIST,
+            "d_sae": POS_INT,
+            "k": POS_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "train_tokens": POS_INT,
+            "eval_tokens": POS_INT,
+            "probe_docs": POS_INT,
+            "probe_max_len": AT_LEAST_2,
+            "probe_tasks": POS_INT,
+            "probe_ks": INT_LIST_STRING,
+            "probe_min_class": POS_INT,
+            "absorption_words": POS_INT,
+            "loss_windows": POS_INT,
+            "loss_context": AT_LEAST_2,
         },
         "22_matryoshka": {
             "toy_samples": POS_INT,

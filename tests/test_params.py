@@ -32,6 +32,12 @@ def test_profiles_are_valid(profile):
         (("toy", "p_active"), 1.5, "`toy.p_active` must be a number in (0, 1]"),
         (("toy", "generator"), "spiral", "`toy.generator` must be one of"),
         (("seed",), 1.5, "`seed` must be an integer >= 0"),
+        (("papers", "seeds"), [0, 1], "`papers.seeds` must be a list of at least 3 distinct"),
+        (("papers", "seeds"), [0, 0, 1], "`papers.seeds` must be a list of at least 3 distinct"),
+        (("papers", "folders"), ["99_nope"], "papers/99_nope/claims.yaml does not exist"),
+        (("papers", "19_saebench", "architectures"), "topk,nope", "comma-separated string of"),
+        (("papers", "07_topk", "widths"), [576], "`papers.07_topk.widths` must be a list of"),
+        (("papers", "22_matryoshka", "prefix_fractions"), [0.5, 0.25], "increasing list"),
     ],
 )
 def test_bad_value_names_key_and_expectation(default, path, value, message):
