@@ -27,6 +27,10 @@ run, or when a side is missing or not finite in some seed.
         --metrics metrics/papers/07_topk/metrics.json \
         --verdicts metrics/papers/07_topk/verdicts.json --results papers/07_topk/results.md
     python -m common.claims table --out papers/CLAIMS.md metrics/papers/*/verdicts.json
+
+With ``--readme papers/07_topk/README.md`` the same table is also written into the README, between
+the lines ``<!-- results:start -->`` and ``<!-- results:end -->`` (the hand-written prose around
+them is kept), so that the README shows the measured numbers next to the paper's.
 """
 
 from __future__ import annotations
@@ -259,6 +263,23 @@ def results_markdown(verdicts: dict[str, Any], source: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def replace_readme_results(readme: str | Path, table: str) -> None:
+    """Put ``table`` between the results markers of ``readme``; error if they are missing."""
+    readme = Path(readme)
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ClaimsError(
+            f"{readme}: add the lines {README_START!r} and {README_END!r} where the generated "
+            "results table should go"
+        )
+    head, tail = text[: start + len(README_START)], text[end:]
+    readme.write_text(f"{head}\n{table}{tail}")
+
+
 def claims_table(verdict_files: list[str | Path]) -> str:
     """The repo-wide table of every paper's claims and verdicts, with counts per verdict."""
     rows, counts = [], {REPRODUCED: 0, NOT_REPRODUCED: 0, INCONCLUSIVE: 0}
@@ -309,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--metrics", required=True)
     ev.add_argument("--verdicts", required=True)
     ev.add_argument("--results", required=True)
+    ev.add_argument("--readme", help="also write the table between the README's results markers")
     tab = sub.add_parser("table", help="all verdicts.json -> one markdown table")
     tab.add_argument("--out", required=True)
     tab.add_argument("verdicts", nargs="+")
@@ -318,7 +340,10 @@ def main(argv: list[str] | None = None) -> None:
             verdicts = evaluate_claims(args.claims, args.metrics)
             Path(args.verdicts).parent.mkdir(parents=True, exist_ok=True)
             Path(args.verdicts).write_text(json.dumps(_json_safe(verdicts), indent=1) + "\n")
-            Path(args.results).write_text(results_markdown(verdicts, source=args.metrics))
+            table = results_markdown(verdicts, source=args.metrics)
+            Path(args.results).write_text(table)
+            if args.readme:
+                replace_readme_results(args.readme, table)
             for c in verdicts["claims"]:
                 print(f"{c['verdict']:>15}  {c['id']}  ({c['why']})")
         else:

@@ -119,6 +119,23 @@ def test_cli_writes_strict_json_results_and_table(tmp_path):
     assert "3 claims: 2 reproduced, 0 not reproduced, 1 inconclusive" in table
 
 
+def test_readme_gets_the_table_between_markers_and_keeps_its_prose(tmp_path):
+    claims, metrics = _write(tmp_path, {s: _seed(0.1, 0.2, 1.0, 0.9) for s in "012"})
+    readme = tmp_path / "README.md"
+    readme.write_text("# Paper\nprose\n<!-- results:start -->\nSTALE TABLE\n<!-- results:end -->\nmore\n")
+    outs = ["--verdicts", str(tmp_path / "v.json"), "--results", str(tmp_path / "r.md")]
+    args = ["evaluate", "--claims", str(claims), "--metrics", str(metrics), *outs]
+    for _ in range(2):  # idempotent
+        main([*args, "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# Paper\nprose\n<!-- results:start -->\n<!-- Generated")
+    assert "STALE TABLE" not in text and text.endswith("<!-- results:end -->\nmore\n")
+    assert text.count("A has lower FVU than B") == 1
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="add the lines"):
+        main([*args, "--readme", str(readme)])
+
+
 def test_missing_metrics_file_is_a_clear_error(tmp_path):
     (tmp_path / "claims.yaml").write_text(CLAIMS)
     with pytest.raises(ClaimsError, match="run the paper's notebook stage first"):
