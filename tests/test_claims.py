@@ -122,7 +122,9 @@ def test_cli_writes_strict_json_results_and_table(tmp_path):
 def test_readme_gets_the_table_between_markers_and_keeps_its_prose(tmp_path):
     claims, metrics = _write(tmp_path, {s: _seed(0.1, 0.2, 1.0, 0.9) for s in "012"})
     readme = tmp_path / "README.md"
-    readme.write_text("# Paper\nprose\n<!-- results:start -->\nSTALE TABLE\n<!-- results:end -->\nmore\n")
+    readme.write_text(
+        "# Paper\nprose\n<!-- results:start -->\nSTALE TABLE\n<!-- results:end -->\nmore\n"
+    )
     outs = ["--verdicts", str(tmp_path / "v.json"), "--results", str(tmp_path / "r.md")]
     args = ["evaluate", "--claims", str(claims), "--metrics", str(metrics), *outs]
     for _ in range(2):  # idempotent
