@@ -190,6 +190,13 @@ SCHEMA: dict[str, Any] = {
     "compare": {
         "title": STRING,
     },
+    "clip_style": {
+        "n_train": POS_INT,
+        "n_test": POS_INT,
+        "image_size": (lambda v: _is_int(v) and v >= 32, "an integer >= 32"),
+        "epochs": POS_INT,
+        "d_embed": POS_INT,
+    },
     "papers": {
         "seeds": SEEDS,
         "folders": "paper-folders",
@@ -235,6 +242,26 @@ SCHEMA: dict[str, Any] = {
             "width_k": POS_INT,
             "widths": list_of(POS_INT, min_len=2),
             "dead_after_tokens": POS_INT,
+        },
+        "14_patch_sae": {
+            "datasets": (
+                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
+                "a non-empty list drawn from ['fashion-mnist', 'digits']",
+            ),
+            "n_images": POS_INT,
+            "n_test": POS_INT,
+            "expansion": POS_INT,
+            "l1_coefficient": POS_FLOAT,
+            "l1_warmup_steps": NONNEG_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "threshold": NONNEG_FLOAT,
+            "top_k": POS_INT,
+            "selective_fraction": PROBABILITY,
+            "n_heatmap_latents": POS_INT,
+            "n_heatmap_images": POS_INT,
+            "extract_batch_size": POS_INT,
         },
         "19_saebench": {
             "architectures": ARCHITECTURE_LIST,

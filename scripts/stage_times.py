@@ -2,6 +2,7 @@
 
     dvc repro 2>&1 | while IFS= read -r l; do echo "$(date +%s) $l"; done > repro.log
     python scripts/stage_times.py repro.log --note "2-core CPU, idle" > papers/STAGE_TIMES.md
+    python scripts/stage_times.py full.log later.log > papers/STAGE_TIMES.md  # later runs win
 
 A stage's time runs from its "Running stage" line to the next stage's (or the end of the log).
 Stages `paper_<folder>` and `claims@<folder>` belong to `papers/<folder>`; the shared stages
@@ -69,10 +70,13 @@ def markdown(times: list[tuple[str, int]], note: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("log")
+    parser.add_argument("logs", nargs="+", help="logs in order; a stage's latest timing wins")
     parser.add_argument("--note", default="", help="the machine and what else ran on it")
     args = parser.parse_args()
-    print(markdown(stage_times(Path(args.log).read_text().splitlines()), args.note), end="")
+    latest: dict[str, int] = {}
+    for log in args.logs:
+        latest.update(stage_times(Path(log).read_text().splitlines()))
+    print(markdown(list(latest.items()), args.note), end="")
 
 
 if __name__ == "__main__":
