@@ -151,6 +151,19 @@ def _paper_folders(value: Any, key: str) -> None:
             )
 
 
+# The in-notebook training budget shared by the papers that sweep a ReLU + L1 baseline (02, 07).
+RELU_SWEEP_BUDGET: dict[str, Any] = {
+    "train_tokens": POS_INT,
+    "eval_tokens": POS_INT,
+    "d_sae": POS_INT,
+    "steps": POS_INT,
+    "batch_size": POS_INT,
+    "lr": POS_FLOAT,
+    "lr_warmup_steps": NONNEG_INT,
+    "l1_warmup_steps": NONNEG_INT,
+    "relu_l1": list_of(POS_FLOAT, min_len=2),
+}
+
 TRAIN_SCHEMA: dict[str, Any] = {
     "steps": POS_INT,
     "batch_size": POS_INT,
@@ -216,28 +229,12 @@ SCHEMA: dict[str, Any] = {
             "probe_min_class_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
         },
         "02_gated": {
-            "train_tokens": POS_INT,
-            "eval_tokens": POS_INT,
-            "d_sae": POS_INT,
-            "steps": POS_INT,
-            "batch_size": POS_INT,
-            "lr": POS_FLOAT,
-            "lr_warmup_steps": NONNEG_INT,
-            "l1_warmup_steps": NONNEG_INT,
-            "relu_l1": list_of(POS_FLOAT, min_len=2),
+            **RELU_SWEEP_BUDGET,
             "gated_l1": list_of(POS_FLOAT, min_len=2),
             "downstream_windows": NONNEG_INT,
         },
         "07_topk": {
-            "train_tokens": POS_INT,
-            "eval_tokens": POS_INT,
-            "d_sae": POS_INT,
-            "steps": POS_INT,
-            "batch_size": POS_INT,
-            "lr": POS_FLOAT,
-            "lr_warmup_steps": NONNEG_INT,
-            "l1_warmup_steps": NONNEG_INT,
-            "relu_l1": list_of(POS_FLOAT, min_len=2),
+            **RELU_SWEEP_BUDGET,
             "topk_k": list_of(POS_INT, min_len=2),
             "width_k": POS_INT,
             "widths": list_of(POS_INT, min_len=2),
