@@ -210,6 +210,18 @@ SCHEMA: dict[str, Any] = {
         "epochs": POS_INT,
         "d_embed": POS_INT,
     },
+    "diffusion": {
+        "steps": POS_INT,
+        "batch_size": POS_INT,
+        "lr": POS_FLOAT,
+        "p_uncond": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "sample_per_class": POS_INT,
+        "sample_steps": INT_LIST_STRING,
+    },
+    "classifier": {
+        "epochs": POS_FLOAT,
+        "n_train": POS_INT,
+    },
     "papers": {
         "seeds": SEEDS,
         "folders": "paper-folders",

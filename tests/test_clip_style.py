@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from common.models.clip_style import (
     fit_heads,
     info_nce,
     main,
+    shared_image_features,
     to_pixels,
     train_clip_style,
 )
@@ -275,3 +277,35 @@ def test_hub_clip_adapter_has_the_same_api(tmp_path, text_tower):
         load_clip(
             tmp_path / "empty_dir_that_exists" if (tmp_path / "x").mkdir() else tmp_path / "x"
         )
+
+
+def test_shared_image_features_read_the_stage_cache_without_writing(trained, small_tower):
+    _, _, cache = trained
+    before = sorted(p.name for p in Path(cache).rglob("*.safetensors"))
+    feats, images = shared_image_features(
+        "digits",
+        "train",
+        300,
+        0,
+        cache_dir=cache,
+        image_size=SMALL,
+        tower=small_tower,
+        progress=False,
+    )
+    cached, _, _ = cached_image_features(
+        small_tower, images, cache, f"digits-train-{SMALL}px", progress=False
+    )
+    torch.testing.assert_close(feats, cached)
+    # a subset the stage never computed is computed on the fly and not written back
+    other, _ = shared_image_features(
+        "digits",
+        "train",
+        7,
+        3,
+        cache_dir=cache,
+        image_size=SMALL,
+        tower=small_tower,
+        progress=False,
+    )
+    assert other.shape == (7, feats.shape[1])
+    assert sorted(p.name for p in Path(cache).rglob("*.safetensors")) == before

@@ -241,6 +241,11 @@ def test_sample_cli_writes_grid_and_scored_metrics(trained, fmnist, tmp_path):
           "2", "--steps", "2", "1", "--out", str(tmp_path / "fig")])  # fmt: skip
     metrics = json.loads((tmp_path / "fig" / "metrics.json").read_text())
     assert [r["num_steps"] for r in metrics["runs"]] == [2, 1]
+    # params.yaml gives the step counts as one comma-separated string
+    main(["sample", "--model", str(out), "--per-class", "1", "--steps", "1,2",
+          "--out", str(tmp_path / "fig2")])  # fmt: skip
+    comma = json.loads((tmp_path / "fig2" / "metrics.json").read_text())
+    assert [r["num_steps"] for r in comma["runs"]] == [1, 2]
     assert all(0 <= r["accuracy"] <= 1 for r in metrics["runs"])
     assert len(metrics["runs"][0]["per_class_accuracy"]) == len(model.class_names)
     from PIL import Image

@@ -695,6 +695,7 @@ def cached_image_features(
     batch_size: int = 64,
     chunk: int = 512,
     progress: bool = True,
+    write: bool = True,
 ) -> tuple[Tensor, float, int]:
     """Pooled tower features of ``images`` (N, 1280); returns (features, seconds, n_computed).
 
@@ -702,7 +703,8 @@ def cached_image_features(
     ``cache_dir/<tag>/``, each named by a hash of (tower revision, image size, the chunk's pixels):
     a changed subset, size or weight file never reuses stale features, an interrupted run resumes
     from the last finished chunk, and a larger seeded subset (``ImageSet.subset`` keeps the prefix)
-    reuses the chunks of a smaller one.
+    reuses the chunks of a smaller one. ``write=False`` reads the cache but never adds to it (for
+    readers of a cache that is another pipeline stage's output).
     """
     n = len(images)
     folder = Path(cache_dir) / tag if cache_dir is not None else None
@@ -728,7 +730,7 @@ def cached_image_features(
             part = torch.cat(pieces)
             seconds += time.perf_counter() - t0
             computed += len(part)
-            if path is not None:
+            if path is not None and write:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 save_file({"pooled": part.contiguous()}, str(tmp), metadata={"tag": tag})
@@ -736,6 +738,43 @@ def cached_image_features(
         parts.append(part)
     bar.close()
     return torch.cat(parts).float(), seconds, computed
+
+
+def shared_image_features(
+    dataset: str,
+    split: str,
+    n: int,
+    seed: int = 0,
+    *,
+    cache_dir: str | Path = "runs/image_features",
+    image_size: int | None = None,
+    clip_dir: str | Path = "runs/clip_style",
+    tower: ImageTower | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, ImageSet]:
+    """Pooled EfficientNet-Lite0 features (N, 1280) of a seeded subset, and the subset itself.
+
+    Reads the feature cache that the ``train_clip_style`` stage writes (``runs/image_features``:
+    ``clip_style.n_train`` / ``n_test`` images per dataset, ``seed``), so vision papers do not
+    re-run the image tower on the same images. A subset with the same seed and ``n`` no larger than
+    the stage's reuses its full chunks; anything missing is computed (and not written back).
+    ``image_size`` defaults to the one the CLIP-style run in ``clip_dir`` was trained at (224 px
+    without such a run), so a profile that changes ``clip_style.image_size`` changes it here too.
+    """
+    if image_size is None:
+        config = Path(clip_dir) / "config.json"
+        image_size = int(json.loads(config.read_text())["image_size"]) if config.is_file() else 224
+    images = load_image_set(dataset, split).subset(n, seed)
+    tower = tower or ImageTower(load_model("efficientnet-lite0"), image_size)
+    feats, _, _ = cached_image_features(
+        tower,
+        images,
+        cache_dir,
+        f"{dataset}-{split}-{image_size}px",
+        progress=progress,
+        write=False,
+    )
+    return feats, images
 
 
 def caption_groups(

@@ -217,10 +217,15 @@ class DiffusionModel:
     class_names: tuple[str, ...]
     templates: tuple[str, ...] = CAPTION_TEMPLATES
     metadata: dict[str, Any] = field(default_factory=dict)
+    vae: Any = None  # latent diffusion (hub Stable Diffusion): decodes z_0 to pixels
 
     @property
     def image_size(self) -> int:
-        return int(self.unet.config.sample_size)
+        """Side of the drawn images in pixels (the latent side times the VAE's upsampling)."""
+        side = int(self.unet.config.sample_size)
+        if self.vae is not None:
+            side *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return side
 
     def caption(self, class_id: int, template: int = 0) -> str:
         """``templates[template]`` filled with the class name, e.g. "a photo of a sneaker"."""
@@ -233,6 +238,8 @@ class DiffusionModel:
 
     def save(self, folder: str | Path) -> None:
         """``unet/`` and ``scheduler/`` as diffusers folders (safetensors) + ``diffusion.json``."""
+        if self.vae is not None:
+            raise ValueError("a hub pipeline is loaded by name; there is nothing to save")
         folder = Path(folder)
         self.unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
         self.scheduler.save_pretrained(folder / SCHEDULER_DIR)
@@ -247,8 +254,24 @@ class DiffusionModel:
         (folder / MODEL_CARD).write_text(json.dumps(card, indent=1) + "\n")
 
 
-def load_diffusion(folder: str | Path, encoder: CaptionEncoder | None = None) -> DiffusionModel:
-    """Load a folder written by ``DiffusionModel.save`` (safetensors only), frozen, eval mode."""
+def load_diffusion(
+    folder: str | Path,
+    encoder: CaptionEncoder | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    allow_download: bool = False,
+) -> DiffusionModel:
+    """Load a folder written by ``DiffusionModel.save`` (safetensors only), frozen, eval mode.
+
+    A diffusers Stable Diffusion pipeline (a folder with ``model_index.json`` or a hub id such as
+    ``runwayml/stable-diffusion-v1-5``) loads through ``common.models.hub_diffusion`` instead;
+    it needs ``class_names`` (the concepts to prompt for) and downloads only with
+    ``allow_download=True``.
+    """
+    from common.models.hub_diffusion import is_hub_pipeline, load_hub_diffusion
+
+    if is_hub_pipeline(folder):
+        return load_hub_diffusion(folder, class_names or (), allow_download=allow_download)
     folder = Path(folder)
     card_path = folder / MODEL_CARD
     if not card_path.is_file() or not (folder / UNET_DIR / "config.json").is_file():
@@ -541,7 +564,8 @@ def sample(
     batch_size: int = 256,
     callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:
-    """Images (N, 1, S, S) in [0, 1] (on the CPU) for N captions: DDIM with guidance.
+    """Images (N, C, S, S) in [0, 1] (on the CPU) for N captions: DDIM with guidance (C = 1 for
+    the 16x16 model, 3 for a hub Stable Diffusion pipeline, whose latents the VAE decodes).
 
     ``eta`` = 0 is the deterministic DDIM update; eta = 1 adds fresh noise at each step with the
     DDPM posterior variance (Song et al., 2021, eq. 16), which corrects errors of an imperfect
@@ -560,9 +584,9 @@ def sample(
         raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
     unet = model.unet.eval()
     device = next(unet.parameters()).device
-    size = model.image_size
+    size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(captions), 1, size, size, generator=gen)
+    noise = torch.randn(len(captions), channels, size, size, generator=gen)
     step_noise = torch.randn(num_steps, *noise.shape, generator=gen) if eta > 0 else None
     cond_all, cond_mask_all = (v.to(device) for v in model.encoder(list(captions)))
     null, null_mask = (v.to(device) for v in model.encoder([""]))
@@ -590,7 +614,9 @@ def sample(
                 x = scheduler.step(eps, t, x).prev_sample
             if callback is not None:
                 callback(i, int(t), x)
-        out.append(x.cpu())
+        if model.vae is not None:  # latent diffusion: decode z_0 to pixels in [-1, 1]
+            x = model.vae.decode(x.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
+        out.append(x.float().cpu())
     return (torch.cat(out).clamp(-1, 1) + 1) / 2
 
 
@@ -882,7 +908,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     labels = torch.arange(len(model.class_names)).repeat_interleave(args.per_class)
     out = Path(args.out)
     runs = []
-    for steps in args.steps:
+    for steps in [int(v) for part in args.steps for v in str(part).split(",") if v.strip()]:
         t0 = time.perf_counter()
         images = sample(
             model,
@@ -944,7 +970,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--model", required=True)
     s.add_argument("--classifier", default=None, help="folder from common.models.classifier")
     s.add_argument("--per-class", type=int, default=16)
-    s.add_argument("--steps", type=int, nargs="+", default=[10], help="DDIM steps (several ok)")
+    s.add_argument(
+        "--steps", nargs="+", default=["10"], help="DDIM steps, several ok: 1 4 10 or 1,4,10"
+    )
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0: deterministic ODE)")
     s.add_argument("--template", type=int, default=0, help="index into the caption templates")
