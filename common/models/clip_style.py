@@ -760,11 +760,19 @@ def shared_image_features(
     the stage's reuses its full chunks; anything missing is computed (and not written back).
     ``image_size`` defaults to the one the CLIP-style run in ``clip_dir`` was trained at (224 px
     without such a run), so a profile that changes ``clip_style.image_size`` changes it here too.
+    A hub CLIP name as ``clip_dir`` (e.g. ``openai/clip-vit-base-patch16``, already in the local
+    Hugging Face cache) gives that model's pooled image features instead.
     """
-    if image_size is None:
-        config = Path(clip_dir) / "config.json"
-        image_size = int(json.loads(config.read_text())["image_size"]) if config.is_file() else 224
     images = load_image_set(dataset, split).subset(n, seed)
+    config_path = Path(clip_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    is_clip_style = "image_model" in config
+    if tower is None and not is_clip_style and (config or not Path(clip_dir).exists()):
+        # a hub CLIP (GPU/hub profile): its own pooled features, no shared cache
+        with torch.inference_mode():
+            return load_clip(str(clip_dir)).image_features(images.images).float(), images
+    if image_size is None:
+        image_size = int(config["image_size"]) if is_clip_style else 224
     tower = tower or ImageTower(load_model("efficientnet-lite0"), image_size)
     feats, _, _ = cached_image_features(
         tower,
