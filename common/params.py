@@ -272,6 +272,78 @@ SCHEMA: dict[str, Any] = {
             "n_heatmap_images": POS_INT,
             "extract_batch_size": POS_INT,
         },
+        "37_one_step": {
+            "sites": (
+                lambda v: (
+                    v == "auto"
+                    or (
+                        isinstance(v, list)
+                        and bool(v)
+                        and all(isinstance(s, str) and s.startswith("unet.") for s in v)
+                    )
+                ),
+                "'auto' or a non-empty list of U-Net sites (unet.<module path>)",
+            ),
+            "guidance_scale": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+            "train_per_class": POS_INT,
+            "n_templates": POS_INT,
+            "eval_per_class": POS_INT,
+            "four_step_per_class": POS_INT,
+            "k": POS_INT,
+            "expansion": POS_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "n_features": POS_INT,
+            "steer_multiplier": POS_FLOAT,
+            "sources_per_target": POS_INT,
+            "steer_images": POS_INT,
+            "lowpass_cutoff": POS_FLOAT,
+            "grid_columns": POS_INT,
+        },
+        "28_msae": {
+            "datasets": (
+                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
+                "a non-empty list drawn from ['fashion-mnist', 'digits']",
+            ),
+            "n_train": POS_INT,
+            "n_test": POS_INT,
+            "expansion": POS_INT,
+            "msae_ks": (
+                lambda v: (
+                    isinstance(v, list)
+                    and bool(v)
+                    and all(_is_int(k) and k > 0 for k in v)
+                    and all(a < b for a, b in zip(v, v[1:], strict=False))
+                ),
+                "a strictly increasing list of positive integers",
+            ),
+            "msae_alphas": (
+                lambda v: (
+                    v is None or (isinstance(v, list) and all(_is_number(a) and a >= 0 for a in v))
+                ),
+                "null (uniform) or a list of numbers >= 0, one per msae_ks",
+            ),
+            "topk_ks": list_of(POS_INT),
+            "relu_l1": list_of(POS_FLOAT),
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "dead_after_tokens": POS_INT,
+            "vocab_size": POS_INT,
+            "vocab_template": (
+                lambda v: isinstance(v, str) and "{}" in v,
+                "a string containing {}",
+            ),
+            "name_threshold": (lambda v: _is_number(v) and -1 <= v < 1, "a cosine in [-1, 1)"),
+            "top_m": POS_INT,
+            "min_purity": PROBABILITY,
+            "n_queries": POS_INT,
+            "n_neighbours": POS_INT,
+            "steer_strengths": list_of(NONNEG_FLOAT, 2),
+            "n_show_latents": POS_INT,
+            "n_show_images": POS_INT,
+        },
         "19_saebench": {
             "architectures": ARCHITECTURE_LIST,
             "d_sae": POS_INT,

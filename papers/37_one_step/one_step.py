@@ -1,0 +1,304 @@
+"""SAEs on the residual updates of a few-step text-to-image U-Net (paper 37: Surkov et al.,
+NeurIPS 2025, "One step is enough: sparse autoencoders for text-to-image diffusion models").
+
+The activation of a cross-attention transformer block ``l`` of the U-Net is its residual update
+
+    delta_l = B_l(h) - h   in R^C, one token per spatial position (and denoising step),
+
+and one TopK SAE per block reconstructs it (Gao et al. 2024):
+
+    z = TopK_k(ReLU(W_enc^T (delta - b_dec) + b_enc)),      delta_hat = W_dec^T z + b_dec.
+
+Interventions edit the update while the image is generated, keeping the SAE's error term
+e = delta - delta_hat untouched (so an empty edit is the identity):
+
+    feature ablation   delta' = delta - sum_{s in S} z_s d_s              (turn features off)
+    feature steering   delta' = delta + alpha * a_s * d_s   at every position (turn a feature on)
+
+with d_s the unit decoder row of latent s (in raw units d_s / input_scale) and a_s its typical
+activation. Controls replace the feature directions by random unit directions of the same norm.
+
+The effect of an edit on an image x (16x16, in [0, 1]) is measured by the classifier's prediction
+(class flip rate, the rate it reads a steering target) and by the pixel change Delta = x' - x
+split by spatial frequency with the orthonormal 2-D DFT (Parseval, so the parts add up):
+
+    ||Delta||^2 = sum_{|f| <= f_c} |F Delta (f)|^2  +  sum_{|f| > f_c} |F Delta (f)|^2
+                = E_low (composition, shape)        +  E_high (detail, edges, texture)
+
+with |f| the radial frequency in cycles per image and f_c the cut-off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from common.sae import SAE
+
+
+# --- SAE codes in raw units ---------------------------------------------------------------------
+@torch.no_grad()
+def sae_codes(sae: SAE, x: Tensor, batch_size: int = 8192) -> tuple[Tensor, Tensor]:
+    """``(z, x_hat)`` for tokens ``x`` (N, d) in raw units: z = encode(c x), x_hat = decode(z)/c."""
+    sae.eval()
+    zs, hats = [], []
+    for chunk in x.split(batch_size):
+        z = sae.encode(sae.scale_in(chunk))
+        zs.append(z)
+        hats.append(sae.scale_out(sae.decode(z)))
+    return torch.cat(zs), torch.cat(hats)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """FVU = sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean(x)||^2 (variance about x's own mean)."""
+    if x.shape != x_hat.shape or x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need two (N >= 2, d) tensors of one shape, got {x.shape}, {x_hat.shape}")
+    total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return float((x - x_hat).pow(2).sum() / total)
+
+
+def fvu_by_group(x: Tensor, x_hat: Tensor, groups: Tensor) -> dict[int, float]:
+    """FVU within each group (e.g. each timestep t): {t: FVU(x[g == t], x_hat[g == t])}."""
+    return {int(g): fvu(x[groups == g], x_hat[groups == g]) for g in groups.unique().tolist()}
+
+
+# --- class-specific features --------------------------------------------------------------------
+def class_mean_codes(z: Tensor, classes: Tensor, n_classes: int) -> Tensor:
+    """mu[c, s] = mean of z_s over the tokens of images prompted with class c, (C, S)."""
+    if len(z) != len(classes):
+        raise ValueError(f"{len(z)} codes but {len(classes)} class labels")
+    sums = torch.zeros(n_classes, z.shape[1]).index_add_(0, classes, z.float())
+    counts = torch.bincount(classes, minlength=n_classes).clamp_min(1).float()
+    return sums / counts[:, None]
+
+
+def class_specificity(mu: Tensor) -> Tensor:
+    """spec[c, s] = mu[c, s] - mean_{c' != c} mu[c', s]: how much more s fires for class c."""
+    n = mu.shape[0]
+    if n < 2:
+        raise ValueError("need at least two classes")
+    others = (mu.sum(0, keepdim=True) - mu) / (n - 1)
+    return mu - others
+
+
+def top_class_features(spec: Tensor, m: int) -> Tensor:
+    """(C, m) latent indices of each class's m most class-specific latents (largest spec)."""
+    if not 0 < m <= spec.shape[1]:
+        raise ValueError(f"m must be in [1, {spec.shape[1]}], got {m}")
+    return spec.topk(m, dim=1).indices
+
+
+def class_position_codes(
+    z: Tensor, classes: Tensor, positions: Tensor, n_classes: int, n_positions: int
+) -> Tensor:
+    """mu[c, p, s] = mean of z_s at spatial position p over images prompted with class c."""
+    key = classes * n_positions + positions
+    sums = torch.zeros(n_classes * n_positions, z.shape[1]).index_add_(0, key, z.float())
+    counts = torch.bincount(key, minlength=n_classes * n_positions).clamp_min(1).float()
+    return (sums / counts[:, None]).view(n_classes, n_positions, -1)
+
+
+def typical_activation(z: Tensor) -> Tensor:
+    """a_s = mean of z_s over the tokens where it fires (0 for a latent that never fires), (S,)."""
+    fires = (z > 0).sum(0)
+    return z.sum(0) / fires.clamp_min(1)
+
+
+# --- edits of the residual update ---------------------------------------------------------------
+def caption_of_token(n_tokens: int, n_captions: int, positions: int) -> tuple[Tensor, Tensor]:
+    """Caption index and "conditional row" flag of every token of one U-Net call of ``sample``.
+
+    Tokens come row-major (row, y, x) with ``positions`` = H*W tokens per row; with guidance the
+    call has 2n rows ([unconditional; conditional]), without it n (all conditional); row r belongs
+    to caption r mod n. All captions must be in one U-Net call (``sample(..., batch_size >= n)``).
+    """
+    rows, rest = divmod(n_tokens, positions)
+    if rest or rows not in (n_captions, 2 * n_captions):
+        raise ValueError(
+            f"{n_tokens} tokens are not {n_captions} or {2 * n_captions} rows of {positions} "
+            "positions: sample all captions in one batch (batch_size >= number of captions)"
+        )
+    row = torch.arange(n_tokens) // positions
+    cond = row >= rows - n_captions
+    return row % n_captions, cond
+
+
+def unit_directions(sae: SAE) -> Tensor:
+    """Decoder rows d_s in raw activation units, (S, d): W_dec / input_scale (unit W_dec rows)."""
+    return sae.W_dec.detach() / sae.cfg.input_scale
+
+
+def random_unit(n: int, d: int, seed: int) -> Tensor:
+    """n random unit vectors in R^d (Gaussian, normalised), from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, d, generator=g)
+    return r / r.norm(dim=1, keepdim=True)
+
+
+def make_edit(
+    sae: SAE,
+    n_captions: int,
+    positions: int,
+    ablate: Tensor | None = None,
+    add: Tensor | None = None,
+    random_ablate: Tensor | None = None,
+    cond_only: bool = True,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """A ``replace_site`` function that edits each caption's tokens (SAE error term kept).
+
+    ``ablate`` (n_captions, S) bool: latents to turn off for that caption's tokens,
+    delta' = delta - sum_{s in S_i} z_s d_s. ``random_ablate`` (n_captions, d) unit vectors: the
+    control, delta' = delta - ||sum_{s in S_i} z_s d_s|| r_i (the same norm removed along a random
+    direction). ``add`` (n_captions, d): a vector added at every position of caption i's tokens
+    (steering, alpha a_s d_s, or its random control); (n_captions, H*W, d): one per position.
+    ``cond_only``: edit only the conditional rows of a guided call (the pass that reads the
+    prompt; SDXL Turbo runs without guidance, so all its passes are conditional); the
+    unconditional rows are left as they are.
+    """
+    dirs = unit_directions(sae)
+
+    def fn(delta: Tensor, _t: Tensor) -> Tensor:
+        idx, cond = caption_of_token(len(delta), n_captions, positions)
+        change = torch.zeros_like(delta)
+        if ablate is not None:
+            z, _ = sae_codes(sae, delta)
+            removed = (z * ablate[idx].to(z.dtype)) @ dirs
+            if random_ablate is None:
+                change -= removed
+            else:
+                change -= removed.norm(dim=1, keepdim=True) * random_ablate[idx]
+        if add is not None:
+            if add.ndim == 3:
+                change += add[idx, torch.arange(len(delta)) % positions]
+            else:
+                change += add[idx]
+        if cond_only:
+            change[~cond] = 0
+        return delta + change
+
+    return fn
+
+
+def reconstruction_edit(sae: SAE | None, mean: Tensor | None = None) -> Callable:
+    """``replace_site`` function: delta -> SAE reconstruction (or -> ``mean`` when sae is None)."""
+    if sae is None and mean is None:
+        raise ValueError("give an SAE (reconstruction) or a mean vector (mean ablation)")
+
+    def fn(delta: Tensor, _t: Tensor) -> Tensor:
+        if sae is None:
+            return mean.expand_as(delta).clone()
+        return sae_codes(sae, delta)[1]
+
+    return fn
+
+
+# --- effects on the images ----------------------------------------------------------------------
+def radial_frequency(size: int) -> Tensor:
+    """|f| in cycles per image of each 2-D DFT coefficient of a size x size image, (size, size)."""
+    f = torch.fft.fftfreq(size) * size
+    return torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+
+
+def frequency_energy(diff: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
+    """(E_low, E_high) per image of a pixel change (N, 1, S, S): orthonormal DFT energy with
+    |f| <= cutoff and |f| > cutoff; E_low + E_high = ||diff||^2 (Parseval)."""
+    if diff.ndim != 4:
+        raise ValueError(f"expected (N, 1, S, S) images, got {tuple(diff.shape)}")
+    spec = torch.fft.fft2(diff.double(), norm="ortho").abs().pow(2).sum(1)  # (N, S, S)
+    low = radial_frequency(diff.shape[-1]) <= cutoff
+    return spec[:, low].sum(1).float(), spec[:, ~low].sum(1).float()
+
+
+def edit_effects(
+    before: Tensor,
+    after: Tensor,
+    pred_before: Tensor,
+    pred_after: Tensor,
+    cutoff: float,
+    target: Tensor | None = None,
+) -> dict[str, float]:
+    """Per-edit effect measures, averaged over images.
+
+    flip_rate: P(pred_after != pred_before); target_rate: P(pred_after == target) (steering);
+    rms_low / rms_high: sqrt(mean E_low / pixels), sqrt(mean E_high / pixels);
+    low_share: sum E_low / sum (E_low + E_high); rms_high_kept: rms_high over images whose class
+    was kept (the detail change that leaves the class alone; null if none kept).
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"image shapes differ: {tuple(before.shape)} vs {tuple(after.shape)}")
+    e_low, e_high = frequency_energy(after - before, cutoff)
+    pixels = before[0].numel()
+    flipped = pred_after != pred_before
+    kept = ~flipped
+    total = float((e_low + e_high).sum())
+    out = {
+        "flip_rate": float(flipped.float().mean()),
+        "rms_low": float((e_low.mean() / pixels).sqrt()),
+        "rms_high": float((e_high.mean() / pixels).sqrt()),
+        "low_share": float(e_low.sum()) / total if total > 0 else None,
+        "rms_high_kept": float((e_high[kept].mean() / pixels).sqrt()) if kept.any() else None,
+    }
+    if target is not None:
+        out["target_rate"] = float((pred_after == target).float().mean())
+    return out
+
+
+def steering_pairs(n_classes: int, sources_per_target: int, seed: int) -> list[tuple[int, int]]:
+    """(prompted class A, steered-to class B) pairs, A != B: for every B, ``sources_per_target``
+    distinct A drawn at random (all n-1 when it is larger)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for b in range(n_classes):
+        others = [a for a in range(n_classes) if a != b]
+        take = min(sources_per_target, len(others))
+        perm = torch.randperm(len(others), generator=g)[:take].tolist()
+        pairs += [(others[i], b) for i in sorted(perm)]
+    return pairs
+
+
+def argmax_index(values: Sequence[float | None]) -> int | None:
+    """Index of the largest non-null value (None when all are null)."""
+    valid = [(v, i) for i, v in enumerate(values) if v is not None]
+    return max(valid)[1] if valid else None
+
+
+# --- blocks -------------------------------------------------------------------------------------
+def short_name(site: str) -> str:
+    """``unet.down_blocks.2.attentions.1`` -> ``down.2.1`` (the paper's names); mid -> ``mid.0``."""
+    parts = site.removeprefix("unet.").split(".")
+    if parts[0] == "mid_block":
+        return f"mid.{parts[-1]}"
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) == 4:
+        return f"{parts[0].split('_')[0]}.{parts[1]}.{parts[3]}"
+    return ".".join(parts)
+
+
+def pick_sites(
+    valid: Sequence[str], requested: str | Sequence[str], max_auto: int = 5
+) -> list[str]:
+    """The blocks to study. ``"auto"``: all when there are <= ``max_auto``, else the analogues of
+    the paper's four SDXL blocks (the deepest down block's last attention, the mid block, the first
+    two of the first up block) plus the last (highest-resolution) block, in forward order.
+    A list is checked against ``valid``."""
+    valid = list(valid)
+    if isinstance(requested, str) and requested != "auto":
+        requested = [requested]
+    if not isinstance(requested, str):
+        bad = [s for s in requested if s not in valid]
+        if bad or not requested:
+            raise ValueError(f"unknown or no U-Net sites {bad or requested}; valid: {valid}")
+        return list(dict.fromkeys(requested))
+    if len(valid) <= max_auto:
+        return valid
+    down = [s for s in valid if "down_blocks" in s]
+    deepest = max(int(s.split(".")[2]) for s in down) if down else None
+    chosen = [s for s in down if int(s.split(".")[2]) == deepest][-1:]
+    chosen += [s for s in valid if "mid_block" in s][:1]
+    up = [s for s in valid if "up_blocks" in s]
+    first_up = min(int(s.split(".")[2]) for s in up) if up else None
+    chosen += [s for s in up if int(s.split(".")[2]) == first_up][:2]
+    chosen += [valid[-1]]
+    chosen = list(dict.fromkeys(chosen))
+    return [s for s in valid if s in chosen]
