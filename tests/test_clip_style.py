@@ -276,6 +276,10 @@ def test_hub_clip_adapter_has_the_same_api(tmp_path, text_tower):
     # the vision papers' feature accessor takes the hub model by its path / name too
     feats, subset = shared_image_features("fashion-mnist", "test", 3, 0, clip_dir=tmp_path)
     torch.testing.assert_close(feats, clip.image_features(subset.images))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            clip.project_image_features(feats), clip.encode_image(subset.images)
+        )
     with pytest.raises(FileNotFoundError, match="clip_style train"):
         load_clip(
             tmp_path / "empty_dir_that_exists" if (tmp_path / "x").mkdir() else tmp_path / "x"

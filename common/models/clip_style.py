@@ -518,8 +518,17 @@ class HubCLIP(nn.Module):
         return self.image_tokens(images, batch_size).pooled
 
     def encode_image(self, images: Tensor | np.ndarray, batch_size: int = 64) -> Tensor:
-        pooled = self.image_features(images, batch_size)
-        return F.normalize(self.model.visual_projection(pooled), dim=-1)
+        return self.project_image_features(self.image_features(images, batch_size))
+
+    def project_image_features(self, pooled: Tensor) -> Tensor:
+        """e_I = normalize(W_I p_I): CLIP's visual projection of pooled features."""
+        weight = self.model.visual_projection.weight
+        return F.normalize(self.model.visual_projection(pooled.to(weight)), dim=-1)
+
+    def project_text_features(self, pooled: Tensor) -> Tensor:
+        """e_T = normalize(W_T p_T): CLIP's text projection of pooled text features."""
+        weight = self.model.text_projection.weight
+        return F.normalize(self.model.text_projection(pooled.to(weight)), dim=-1)
 
     def text_features(self, texts: Sequence[str]) -> Tensor:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -534,7 +543,7 @@ class HubCLIP(nn.Module):
         return out.pooler_output
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        return F.normalize(self.model.text_projection(self.text_features(texts)), dim=-1)
+        return self.project_text_features(self.text_features(texts))
 
     def zero_shot_weights(self, class_names: Sequence[str], templates: Sequence[str]) -> Tensor:
         return zero_shot_weights(self, class_names, templates)
