@@ -344,6 +344,32 @@ SCHEMA: dict[str, Any] = {
             "n_show_latents": POS_INT,
             "n_show_images": POS_INT,
         },
+        "34_sauce": {
+            "expansion": POS_INT,
+            "l1_coefficient": POS_FLOAT,
+            "l1_warmup_steps": NONNEG_INT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "delta": POS_FLOAT,
+            "negatives": one_of("all", "same_domain"),
+            "digit_concepts": (
+                lambda v: (
+                    isinstance(v, list)
+                    and bool(v)
+                    and len(set(v)) == len(v)
+                    and all(_is_int(d) and 0 <= d <= 9 for d in v)
+                ),
+                "a non-empty list of distinct digits 0..9",
+            ),
+            "k_values": list_of(POS_INT),
+            "gammas": list_of((_is_number, "a number")),
+            "k_main": POS_INT,  # the notebook checks it is in k_values
+            "gamma_main": (_is_number, "a number"),  # the notebook checks it is in gammas
+            "probe_c": POS_FLOAT,
+            "n_grid_features": POS_INT,
+            "n_grid_images": POS_INT,
+        },
         "19_saebench": {
             "architectures": ARCHITECTURE_LIST,
             "d_sae": POS_INT,

@@ -1,0 +1,257 @@
+"""Selective concept unlearning with SAE features (paper 34: SAUCE, ICCV 2025; selection of 17).
+
+SAUCE trains a vanilla SAE on a vision encoder's activations x,
+
+    z = ReLU(W_enc^T (x - b_dec) + b_enc),   x_hat = W_dec^T z + b_dec,
+    L = ||x - x_hat||^2 + alpha ||z||_1,
+
+and scores every feature i for a concept c with SAeUron's selection score (Cywinski & Deja,
+ICML 2025, paper 17) on a positive set D_c (images of c) and a negative set D_nc (the rest):
+
+    S(i, c) = mu(i, D_c) / (sum_j mu(j, D_c) + delta) - mu(i, D_nc) / (sum_j mu(j, D_nc) + delta),
+
+with mu(i, D) the mean activation of feature i over D. The top-k features F_c are kept. At
+inference the activation is replaced by the decoded, edited code
+
+    z_i <- gamma z_i  for i in F_c  (gamma negative),   x' = W_dec^T z' + b_dec,
+
+and, here, the SAE's error term x - x_hat is added back (x' = x + W_dec^T (z' - z)), so that an
+empty edit leaves the activation unchanged. Unlearning is measured by classifiers: unlearning
+accuracy UA = 1 - P(pred in C | y in C) on the target concept's images, in-domain retention IRA
+(accuracy on the other classes of the same dataset) and cross-domain retention CRA (accuracy on
+the other dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from common.sae import SAE
+
+# Abstract concepts: sets of Fashion-MNIST class indices (t-shirt 0, trouser 1, pullover 2,
+# dress 3, coat 4, sandal 5, shirt 6, sneaker 7, bag 8, ankle boot 9).
+ABSTRACT_CONCEPTS: dict[str, tuple[int, ...]] = {
+    "footwear": (5, 7, 9),
+    "upper-body garment": (0, 2, 4, 6),
+}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to unlearn: a set of classes of one dataset (one class: a concrete concept)."""
+
+    name: str
+    dataset: str
+    classes: tuple[int, ...]
+
+    @property
+    def abstract(self) -> bool:
+        return len(self.classes) > 1
+
+
+@torch.no_grad()
+def sae_codes(sae: SAE, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """SAE code z (N, d_sae) of raw activations x (N, d), encoded in chunks."""
+    sae.eval()
+    parts = [sae.encode(sae.scale_in(chunk)) for chunk in x.split(batch_size)]
+    return torch.cat(parts) if parts else x.new_zeros(0, sae.cfg.d_sae)
+
+
+@torch.no_grad()
+def sae_reconstruction(sae: SAE, z: Tensor) -> Tensor:
+    """x_hat = W_dec^T z + b_dec in raw activation units."""
+    return sae.scale_out(sae.decode(z))
+
+
+def decoder_matrix(sae: SAE) -> Tensor:
+    """The (d_sae, d) decoder rows in the SAE's training units (tied SAEs: the encoder^T)."""
+    weight = getattr(sae, "decoder_weight", None)
+    return weight if weight is not None else sae.decoder_directions
+
+
+def selection_scores(
+    z: Tensor, positive: Tensor, negative: Tensor | None = None, delta: float = 1e-6
+) -> Tensor:
+    """SAeUron / SAUCE score S(i, c) for every feature i, shape (d_sae,).
+
+    S(i,c) = mu(i,D_c)/(sum_j mu(j,D_c) + delta) - mu(i,D_nc)/(sum_j mu(j,D_nc) + delta), with
+    D_c the rows of ``z`` where ``positive`` is true and D_nc those where ``negative`` is true
+    (default: every row not in D_c).
+    """
+    positive = positive.bool()
+    negative = ~positive if negative is None else negative.bool()
+    for name, mask in (("positive", positive), ("negative", negative)):
+        if mask.shape != (z.shape[0],):
+            raise ValueError(f"{name} must be a mask of shape ({z.shape[0]},), got {mask.shape}")
+    if not positive.any() or not negative.any():
+        raise ValueError("the positive set D_c and the negative set D_nc must both be non-empty")
+    if (positive & negative).any():
+        raise ValueError("the positive and negative sets overlap")
+    mu_c = z[positive].mean(0)
+    mu_nc = z[negative].mean(0)
+    return mu_c / (mu_c.sum() + delta) - mu_nc / (mu_nc.sum() + delta)
+
+
+def top_features(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k highest-scoring features (ties broken by index, largest score first)."""
+    if k <= 0 or k > scores.numel():
+        raise ValueError(f"k must be in [1, {scores.numel()}], got {k}")
+    order = np.lexsort((np.arange(scores.numel()), -scores.detach().cpu().numpy()))
+    return torch.from_numpy(order[:k].copy())
+
+
+def random_features(candidates: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k features drawn without replacement from ``candidates`` (the control of the same size)."""
+    if k > len(candidates):
+        raise ValueError(f"cannot draw {k} random features from {len(candidates)} candidates")
+    return candidates[torch.randperm(len(candidates), generator=generator)[:k]]
+
+
+@torch.no_grad()
+def edit_delta(sae: SAE, z: Tensor, features: Tensor, gamma: float) -> Tensor:
+    """Change of the decoded activation when z_i <- gamma z_i for i in ``features`` (raw units).
+
+    The decoder is affine, so decode(z') - decode(z) = sum_{i in F} (gamma - 1) z_i W_dec[i]
+    (divided by the SAE's input scale): only the k selected rows are touched.
+    """
+    w = decoder_matrix(sae)[features]  # (k, d)
+    delta = ((gamma - 1.0) * z[:, features]) @ w
+    return sae.scale_out(delta)
+
+
+@torch.no_grad()
+def edited_activations(
+    sae: SAE,
+    x: Tensor,
+    z: Tensor,
+    features: Tensor,
+    gamma: float,
+    *,
+    keep_error: bool = True,
+    x_hat: Tensor | None = None,
+) -> Tensor:
+    """x' after the SAUCE edit of ``features`` by ``gamma``.
+
+    keep_error=True:  x' = x + decode(z') - decode(z)   (the SAE error term x - x_hat is kept)
+    keep_error=False: x' = decode(z')                    (the activation replaced by the SAE's)
+    """
+    delta = edit_delta(sae, z, features, gamma)
+    if keep_error:
+        return x + delta
+    base = sae_reconstruction(sae, z) if x_hat is None else x_hat
+    return base + delta
+
+
+def unlearning_scores(
+    pred: np.ndarray, labels: np.ndarray, classes: Sequence[int]
+) -> dict[str, float]:
+    """UA and in-domain retention from predictions on one dataset's test images.
+
+    ua  = 1 - P(pred in C | y in C)    (for one class: 1 - accuracy on the target class)
+    ira = P(pred = y | y not in C)     (accuracy on the non-target classes)
+    """
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    target = np.isin(labels, list(classes))
+    if not target.any() or target.all():
+        raise ValueError(f"classes {list(classes)} must cover some but not all test labels")
+    recognised = np.isin(pred[target], list(classes)).mean()
+    return {
+        "ua": float(1.0 - recognised),
+        "ira": float((pred[~target] == labels[~target]).mean()),
+    }
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Share of correct predictions (the cross-domain retention CRA on the other dataset)."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+@torch.no_grad()
+def zero_shot_predict(clip, x: Tensor, weights: Tensor) -> np.ndarray:
+    """CLIP zero-shot prediction argmax_c <e_I(x), w_c> from pooled tower features x (N, 1280)."""
+    emb = clip.project_image_features(x.to(weights.device))
+    return (emb @ weights.T).argmax(1).cpu().numpy()
+
+
+def fit_probe(x: Tensor, y: Tensor, c: float = 0.1, seed: int = 0):
+    """Multinomial logistic regression on standardised features (the "classifier")."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, random_state=seed))
+    clf.fit(x.numpy(), y.numpy())
+    return clf
+
+
+@dataclass
+class AffineReadout:
+    """A classifier whose prediction is argmax_c (x A + b)_c on raw features x (N, d).
+
+    Both read-outs are affine up to the argmax: the probe's logits are
+    ((x - m) / s) C^T + c0, and CLIP's zero-shot scores normalize(W_I (x - mu) / sigma) w_c^T have
+    the argmax of W_I ((x - mu) / sigma) w_c^T (normalising a row by a positive number keeps its
+    argmax). So the scores of an edited x' = x + sum_{i in F} (gamma - 1) z_i W_dec[i] are the
+    original scores plus sum_{i in F} (gamma - 1) z_i (W_dec[i] A): one (d_sae, classes) table
+    ``feature_scores`` per SAE makes every edit cheap.
+    """
+
+    weight: Tensor  # A (d, classes)
+    bias: Tensor  # b (classes,)
+
+    def scores(self, x: Tensor) -> Tensor:
+        return x.float() @ self.weight + self.bias
+
+    def predict(self, x: Tensor) -> np.ndarray:
+        return self.scores(x).argmax(1).numpy()
+
+    def feature_scores(self, sae: SAE) -> Tensor:
+        """(d_sae, classes): the score change per unit of each SAE feature, W_dec[i] A / scale."""
+        return sae.scale_out(decoder_matrix(sae).detach()) @ self.weight
+
+
+def probe_readout(clf) -> AffineReadout:
+    """The affine form of a StandardScaler + LogisticRegression pipeline (``fit_probe``)."""
+    scaler, lr = clf[0], clf[-1]
+    coef = torch.as_tensor(lr.coef_, dtype=torch.float32)  # (classes, d)
+    mean = torch.as_tensor(scaler.mean_, dtype=torch.float32)
+    scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
+    weight = (coef / scale).T
+    bias = torch.as_tensor(lr.intercept_, dtype=torch.float32) - (mean / scale) @ coef.T
+    return AffineReadout(weight.contiguous(), bias)
+
+
+@torch.no_grad()
+def zero_shot_readout(clip, class_weights: Tensor) -> AffineReadout:
+    """The argmax-equivalent affine form of CLIP-style zero-shot classification (bias-free head)."""
+    proj = clip.image_proj.weight.float()  # (D, d)
+    mean, std = clip.image_mean.float(), clip.image_std.float()
+    weight = (proj / std).T @ class_weights.float().T  # (d, classes)
+    bias = -((mean / std) @ proj.T) @ class_weights.float().T
+    if getattr(clip.image_proj, "bias", None) is not None:
+        bias = bias + clip.image_proj.bias.float() @ class_weights.float().T
+    return AffineReadout(weight.contiguous(), bias)
+
+
+def edited_predictions(
+    base_scores: Tensor, z: Tensor, feature_scores: Tensor, features: Tensor, gamma: float
+) -> np.ndarray:
+    """argmax of the scores after z_i <- gamma z_i for i in ``features``, via the affine read-out.
+
+    scores(x') = scores(x) + sum_{i in F} (gamma - 1) z_i feature_scores[i]; ``base_scores`` are
+    those of x (error term kept) or of x_hat (activation replaced by the SAE's reconstruction).
+    """
+    change = ((gamma - 1.0) * z[:, features]) @ feature_scores[features]
+    return (base_scores + change).argmax(1).numpy()
+
+
+def top_activating(z: Tensor, feature: int, n: int) -> Tensor:
+    """Indices of the n rows of z with the largest activation of ``feature`` (only those > 0)."""
+    values, idx = z[:, feature].topk(min(n, len(z)))
+    return idx[values > 0]
