@@ -370,6 +370,31 @@ SCHEMA: dict[str, Any] = {
             "n_grid_features": POS_INT,
             "n_grid_images": POS_INT,
         },
+        "03_splice": {
+            "datasets": (
+                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
+                "a non-empty list drawn from ['fashion-mnist', 'digits']",
+            ),
+            "n_eval": POS_INT,
+            "corpora": (
+                lambda v: (
+                    isinstance(v, list)
+                    and bool(v)
+                    and set(v) <= {"wordnet", "fortunes", "shakespeare", "tweets"}
+                ),
+                "a non-empty list drawn from ['wordnet', 'fortunes', 'shakespeare', 'tweets']",
+            ),
+            "docs_per_corpus": POS_INT,
+            "n_unigrams": POS_INT,
+            "n_bigrams": NONNEG_INT,
+            "dedupe_threshold": PROBABILITY,
+            "lambdas": list_of(POS_FLOAT, min_len=2),
+            "n_iter": POS_INT,
+            "l0_target": POS_FLOAT,
+            "l0_zero_shot": POS_FLOAT,
+            "n_top": POS_INT,
+            "n_pairs": POS_INT,
+        },
         "19_saebench": {
             "architectures": ARCHITECTURE_LIST,
             "d_sae": POS_INT,
