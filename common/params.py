@@ -395,6 +395,40 @@ SCHEMA: dict[str, Any] = {
             "n_top": POS_INT,
             "n_pairs": POS_INT,
         },
+        "21_universal": {
+            "datasets": (
+                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
+                "a non-empty list drawn from ['fashion-mnist', 'digits']",
+            ),
+            "n_train": POS_INT,
+            "n_test": POS_INT,
+            "image_size": (lambda v: _is_int(v) and v >= 32, "an integer >= 32 (pixels)"),
+            "sites": (
+                lambda v: (
+                    isinstance(v, list)
+                    and len(v) >= 2
+                    and len(set(v)) == len(v)
+                    and all(
+                        isinstance(s, str)
+                        and (s == "features" or (s.startswith("block.") and s[6:].isdigit()))
+                        for s in v
+                    )
+                ),
+                "a list of >= 2 distinct EfficientNet sites ('block.L' or 'features')",
+            ),
+            "d_sae": POS_INT,
+            "k": POS_INT,  # k <= d_sae is checked by UniversalSAE
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "warmup_steps": NONNEG_INT,
+            "ridge_alphas": list_of(POS_FLOAT),
+            "min_fires": POS_INT,
+            "shared_threshold": FRACTION,
+            "n_concepts": POS_INT,
+            "n_top_images": POS_INT,
+            "extract_batch_size": POS_INT,
+        },
         "19_saebench": {
             "architectures": ARCHITECTURE_LIST,
             "d_sae": POS_INT,

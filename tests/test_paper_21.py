@@ -1,0 +1,128 @@
+"""Unit tests of papers/21_universal/usae.py (universal SAEs) on hand-made inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("paper21_usae", ROOT / "papers/21_universal/usae.py")
+usae = importlib.util.module_from_spec(_spec)
+sys.modules["paper21_usae"] = usae
+_spec.loader.exec_module(usae)
+
+
+def test_encode_keeps_k_nonnegative_and_decoder_rows_are_jointly_unit():
+    model = usae.UniversalSAE([3, 5], d_sae=8, k=2, seed=0)
+    with torch.no_grad():
+        model.b_enc[0].fill_(10.0)  # every pre-activation positive: TopK keeps exactly k
+    z = model.encode(torch.randn(4, 3), 0)
+    assert ((z > 0).sum(1) == 2).all() and (z >= 0).all()
+    joint = torch.cat(list(model.W_dec), 1).norm(dim=1)
+    assert torch.allclose(joint, torch.ones(8), atol=1e-6)
+    with torch.no_grad():
+        model.W_dec[1].mul_(3.0)
+    model.normalize_decoder_()
+    assert torch.allclose(torch.cat(list(model.W_dec), 1).norm(dim=1), torch.ones(8), atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 models"):
+        usae.UniversalSAE([3], d_sae=8, k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        usae.UniversalSAE([3, 5], d_sae=8, k=9)
+
+
+def test_loss_sums_the_reconstruction_error_of_every_model_from_one_code():
+    model = usae.UniversalSAE([2, 3], d_sae=4, k=4, seed=0)
+    xs = [torch.randn(6, 2), torch.randn(6, 3)]
+    loss, terms = model.loss(xs, 1)
+    z = model.encode(xs[1], 1)
+    expected = [(x - model.decode(z, j)).pow(2).sum(-1).mean() for j, x in enumerate(xs)]
+    assert torch.allclose(terms, torch.stack(expected).detach())
+    assert loss.item() == pytest.approx(sum(e.item() for e in expected), rel=1e-6)
+
+
+def test_cross_reconstruction_matrix_of_a_hand_built_usae():
+    # Model 0 is x, model 1 is 2x (same information): a USAE whose code is ReLU of +-x
+    # reconstructs both exactly from either side (FVU 0 everywhere).
+    model = usae.UniversalSAE([1, 1], d_sae=2, k=2, seed=0)
+    with torch.no_grad():
+        for m, scale in enumerate((1.0, 2.0)):
+            model.W_enc[m].copy_(torch.tensor([[1.0, -1.0]]) / scale)
+            model.b_enc[m].zero_()
+            model.b_pre[m].zero_()
+        model.W_dec[0].copy_(torch.tensor([[1.0], [-1.0]]))
+        model.W_dec[1].copy_(torch.tensor([[2.0], [-2.0]]))
+    x = torch.linspace(-1, 1, 11)[:, None]
+    fvu = usae.cross_reconstruction_fvu(model, [x, 2 * x])
+    assert np.allclose(fvu, 0.0, atol=1e-10)
+    assert usae.off_diagonal_mean(np.array([[0.1, 0.3], [0.5, 0.2]])) == pytest.approx(0.4)
+
+
+def test_cofiring_and_firing_entropy_by_hand():
+    # latent 0: both fire on rows 0-1 (cofire 1, entropy 1); latent 1: only model 0 fires
+    # (cofire 0, entropy 0); latent 2: model 0 on rows 0-1, model 1 on rows 1-2 (cofire 1/3).
+    z0 = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    z1 = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    c = usae.cofiring([z0, z1], min_fires=1)
+    assert np.allclose(c["cofire"], [1.0, 0.0, 1 / 3])
+    assert np.allclose(c["entropy"], [1.0, 0.0, 1.0])
+    assert c["alive"].tolist() == [True, True, True]
+    dead = usae.cofiring([z0, z1], min_fires=3)  # at most 3 rows fire for either
+    assert dead["alive"].tolist() == [False, False, True]
+    assert math.isnan(dead["cofire"][0])
+    with pytest.raises(ValueError, match="same shape"):
+        usae.cofiring([z0, z1[:, :2]])
+
+
+def test_expected_cofire_of_independent_rates():
+    z0 = torch.tensor([[1.0], [1.0], [0.0], [0.0]])  # rate 1/2
+    z1 = torch.tensor([[1.0], [0.0], [0.0], [0.0]])  # rate 1/4
+    # (1/2 * 1/4) / (1 - 1/2 * 3/4) = (1/8) / (5/8)
+    assert usae.expected_cofire([z0, z1])[0] == pytest.approx(0.2)
+
+
+def test_shuffle_pairing_keeps_model_zero_and_each_distribution():
+    xs = [torch.arange(10.0)[:, None], torch.arange(10.0)[:, None] * 10]
+    out = usae.shuffle_pairing(xs, seed=0)
+    assert torch.equal(out[0], xs[0])
+    assert sorted(out[1][:, 0].tolist()) == sorted(xs[1][:, 0].tolist())
+    assert not torch.equal(out[1], xs[1])
+
+
+def test_standardizer_and_ridge_recover_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g) * 4 + 1
+    st = usae.Standardizer.fit(x)
+    xs = st(x)
+    assert xs.pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(xs.mean(0), torch.zeros(3), atol=1e-5)
+    w_true = torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]])
+    y = x @ w_true + torch.tensor([0.3, -0.7])
+    w, b, alpha = usae.ridge_cv(x, y, [1e-8, 1.0, 100.0])
+    assert alpha == 1e-8
+    assert torch.allclose(w, w_true, atol=1e-3)
+    assert torch.allclose(b, torch.tensor([0.3, -0.7]), atol=1e-3)
+
+
+def test_training_on_shared_data_beats_shuffled_pairing():
+    # Two "models" that are different linear views of one sparse source: a USAE trained on the
+    # paired rows reconstructs across models far better than one trained with the pairing shuffled.
+    g = torch.Generator().manual_seed(0)
+    src = torch.relu(torch.randn(600, 6, generator=g)) * (torch.rand(600, 6, generator=g) < 0.3)
+    xs = [src @ torch.randn(6, 8, generator=g), src @ torch.randn(6, 10, generator=g)]
+    xs = [usae.Standardizer.fit(x)(x) for x in xs]
+    paired = usae.train_usae(xs, d_sae=12, k=4, steps=100, batch_size=128, lr=0.02, seed=0)
+    control = usae.train_usae(
+        usae.shuffle_pairing(xs, 0), d_sae=12, k=4, steps=100, batch_size=128, lr=0.02, seed=0
+    )
+    cross = usae.off_diagonal_mean(usae.cross_reconstruction_fvu(paired.model, xs))
+    cross_control = usae.off_diagonal_mean(usae.cross_reconstruction_fvu(control.model, xs))
+    assert cross < 0.5 * cross_control
+    assert set(paired.picked) == {0, 1}
+    with pytest.raises(ValueError, match="paired"):
+        usae.train_usae([xs[0], xs[1][:5]], d_sae=4, k=2, steps=1, batch_size=4, lr=0.01, seed=0)
