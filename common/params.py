@@ -225,6 +225,7 @@ SCHEMA: dict[str, Any] = {
     "papers": {
         "seeds": SEEDS,
         "folders": "paper-folders",
+        "clip": STRING,
         "01_cunningham": {
             "train_tokens": POS_INT,
             "expansion": POS_INT,
@@ -428,6 +429,27 @@ SCHEMA: dict[str, Any] = {
             "n_concepts": POS_INT,
             "n_top_images": POS_INT,
             "extract_batch_size": POS_INT,
+        },
+        "18_archetypal": {
+            "datasets": (
+                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
+                "a non-empty list drawn from ['fashion-mnist', 'digits']",
+            ),
+            "n_train": POS_INT,
+            "n_test": POS_INT,
+            "d_sae": POS_INT,
+            "k": POS_INT,
+            "n_candidates": POS_INT,
+            "kmeans_iterations": POS_INT,
+            "ra_delta": POS_FLOAT,
+            "steps": POS_INT,
+            "batch_size": POS_INT,
+            "lr": POS_FLOAT,
+            "nmf_max_iter": POS_INT,
+            "n_cone_points": POS_INT,
+            "cone_iterations": POS_INT,
+            "probe_alpha": POS_FLOAT,
+            "n_grid_images": POS_INT,
         },
         "19_saebench": {
             "architectures": ARCHITECTURE_LIST,

@@ -31,6 +31,11 @@ EXPECTED_STAGES = (
     "train_lm@topk",
     "eval_lm@topk",
     "compare_lm",
+    "train_clip_style",
+    "train_diffusion",
+    "train_classifier",
+    "sample_diffusion",
+    "claims_table",
 )
 
 
@@ -99,6 +104,11 @@ def test_smoke_pipeline_end_to_end(repo):
     first = _run(["dvc", "repro"], repo)
     stages = _ran_stages(first.stdout)
     assert set(EXPECTED_STAGES) <= stages
+    # every paper folder's notebook ran and its claims were judged (smoke verdicts mean nothing)
+    for folder in yaml.safe_load((repo / "params.yaml").read_text())["papers"]["folders"]:
+        assert {f"paper_{folder}", f"claims@{folder}"} <= stages
+        verdicts = json.loads((repo / f"metrics/papers/{folder}/verdicts.json").read_text())
+        assert verdicts, folder
     metrics = json.loads((repo / "metrics/toy/relu.json").read_text())
     assert metrics["architecture"] == "relu" and 0 <= metrics["dead_fraction"] <= 1
     lm_metrics = json.loads((repo / "metrics/lm/topk.json").read_text())
