@@ -277,9 +277,13 @@ def test_hub_clip_adapter_has_the_same_api(tmp_path, text_tower):
     feats, subset = shared_image_features("fashion-mnist", "test", 3, 0, clip_dir=tmp_path)
     torch.testing.assert_close(feats, clip.image_features(subset.images))
     with torch.no_grad():
-        torch.testing.assert_close(
-            clip.project_image_features(feats), clip.encode_image(subset.images)
-        )
+        emb = clip.encode_image(subset.images)
+        torch.testing.assert_close(clip.project_image_features(feats), emb)
+        # the CLIP-style attributes the vision notebooks read
+        assert clip.cfg.image_size == 32 and clip.image_tower.image_size == 32
+        torch.testing.assert_close(clip.image_tower.tokens(subset.images).pooled, feats)
+        head = clip.image_proj((feats - clip.image_mean) / clip.image_std)
+        torch.testing.assert_close(F.normalize(head, dim=-1), emb)
     with pytest.raises(FileNotFoundError, match="clip_style train"):
         load_clip(
             tmp_path / "empty_dir_that_exists" if (tmp_path / "x").mkdir() else tmp_path / "x"

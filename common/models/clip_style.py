@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -478,7 +479,25 @@ class HubCLIP(nn.Module):
         self.image_size = int(model.config.vision_config.image_size)
         self.d_embed = int(model.config.projection_dim)
         self.preprocess = preprocess or _normalizer(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        self.cfg = {"name": name, "image_size": self.image_size, "d_embed": self.d_embed}
+        d_image = int(model.config.vision_config.hidden_size)
+        self.cfg = SimpleNamespace(
+            name=name, image_size=self.image_size, d_embed=self.d_embed, d_image=d_image
+        )
+        # The CLIP-style head's form e = normalize(W (p - mu) / sigma), with mu = 0 and sigma = 1.
+        self.register_buffer("image_mean", torch.zeros(d_image), persistent=False)
+        self.register_buffer("image_std", torch.ones(d_image), persistent=False)
+
+    @property
+    def image_proj(self) -> nn.Linear:
+        return self.model.visual_projection
+
+    @property
+    def image_tower(self) -> HubCLIP:
+        """The model itself answers the image tower's API (tokens, image_size, revision)."""
+        return self
+
+    def tokens(self, images: Tensor | np.ndarray) -> ImageTokens:
+        return self.image_tokens(images)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, allow_download: bool = False) -> HubCLIP:

@@ -1,0 +1,214 @@
+"""MonoSemanticity score (paper 46: Pach et al., NeurIPS 2025, "Sparse autoencoders learn
+monosemantic features in vision-language models").
+
+For a unit k (a neuron of a layer or an SAE latent) with activation a_n^k on image n of N images,
+and an image embedder E that is independent of the model under study (the paper: DINOv2):
+
+    s_nm   = cos(E(x_n), E(x_m))                                 pairwise image similarity
+    a~_n^k = (a_n^k - min_n a_n^k) / (max_n a_n^k - min_n a_n^k)  min-max over the images
+    r_nm^k = a~_n^k a~_m^k
+    MS^k   = 1 / (N (N - 1)) sum_{n != m} r_nm^k s_nm
+
+In matrix form, with a~ the (N, K) matrix of normalised activations and S the (N, N) similarity,
+
+    MS = (diag(a~^T S a~) - (a~ * a~)^T diag(S)) / (N (N - 1)),
+
+and when S = U U^T for row-normalised embeddings U (N, D), a~^T S a~ = ||U^T a~||^2 costs
+O(N D K) instead of O(N^2 K). A unit whose activation is constant over the images has no
+min-max normalisation; its score is NaN (the paper only scores units that fire).
+
+MS mixes two things: how similar the images that co-activate the unit are, and how many pairs
+co-activate at all (a sparse latent has few). The activation-weighted mean similarity
+
+    wMS^k = sum_{n != m} r_nm^k s_nm / sum_{n != m} r_nm^k = MS^k / rbar^k,
+    rbar^k = ((sum_n a~_n)^2 - sum_n a~_n^2) / (N (N - 1)),
+
+separates the first from the second (our diagnostic, not the paper's score). If the activations
+of a unit are shuffled over the images, E[r_nm] = rbar^k for every pair n != m, so
+E[MS^k] = rbar^k * sbar with sbar the mean off-diagonal similarity: a shuffled unit has
+wMS ~= sbar whatever its activation profile (the control).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_acts(acts: Tensor) -> None:
+    if acts.ndim != 2:
+        raise ValueError(f"activations must be (N images, K units), got shape {tuple(acts.shape)}")
+    if acts.shape[0] < 2:
+        raise ValueError(f"MS needs at least 2 images, got {acts.shape[0]}")
+
+
+def minmax_normalise(acts: Tensor) -> tuple[Tensor, Tensor]:
+    """a~_n^k = (a_n^k - min_n a^k) / (max_n a^k - min_n a^k) per column of ``acts`` (N, K).
+
+    Returns ``(a_tilde, alive)``: ``alive[k]`` is False for a constant column (dead unit), whose
+    normalised activations are set to 0.
+    """
+    _check_acts(acts)
+    acts = acts.float()
+    lo, hi = acts.min(0).values, acts.max(0).values
+    span = hi - lo
+    alive = span > 0
+    a = (acts - lo) / torch.where(alive, span, torch.ones_like(span))
+    return a * alive, alive
+
+
+def cosine_similarity_matrix(emb: Tensor) -> Tensor:
+    """S (N, N) with s_nm = cos(e_n, e_m) for embeddings ``emb`` (N, D)."""
+    u = F.normalize(emb.float(), dim=1)
+    return u @ u.T
+
+
+def ms_scores(acts: Tensor, sim: Tensor, batch_size: int = 1024) -> Tensor:
+    """MS^k = (a~^T S a~ - sum_n a~_n^2 s_nn) / (N (N - 1)) for every column of ``acts`` (N, K).
+
+    ``sim`` is any (N, N) similarity matrix (symmetric in the paper, not required here); units are
+    processed ``batch_size`` at a time. NaN for constant (dead) units.
+    """
+    _check_acts(acts)
+    n = acts.shape[0]
+    if sim.shape != (n, n):
+        raise ValueError(f"similarity must be ({n}, {n}) for {n} images, got {tuple(sim.shape)}")
+    a, alive = minmax_normalise(acts)
+    sim = sim.float()
+    diag = sim.diagonal()
+    out = []
+    for chunk in a.split(batch_size, dim=1):
+        quad = ((sim @ chunk) * chunk).sum(0)
+        out.append(quad - (chunk * chunk * diag[:, None]).sum(0))
+    ms = torch.cat(out) / (n * (n - 1))
+    return torch.where(alive, ms, torch.full_like(ms, math.nan))
+
+
+def ms_scores_embedded(acts: Tensor, emb: Tensor, batch_size: int = 4096) -> Tensor:
+    """The same MS with S = U U^T, U = rows of ``emb`` normalised: ||U^T a~||^2 - sum a~^2 ||u||^2.
+
+    O(N D K) instead of O(N^2 K); identical to ``ms_scores(acts, cosine_similarity_matrix(emb))``.
+    """
+    _check_acts(acts)
+    n = acts.shape[0]
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings must be ({n}, D) for {n} images, got {tuple(emb.shape)}")
+    a, alive = minmax_normalise(acts)
+    u = F.normalize(emb.float(), dim=1)
+    diag = (u * u).sum(1)  # 1, or 0 for a zero embedding
+    out = []
+    for chunk in a.split(batch_size, dim=1):
+        proj = u.T @ chunk  # (D, k)
+        out.append((proj * proj).sum(0) - (chunk * chunk * diag[:, None]).sum(0))
+    ms = torch.cat(out) / (n * (n - 1))
+    return torch.where(alive, ms, torch.full_like(ms, math.nan))
+
+
+def mean_pair_weight(acts: Tensor) -> Tensor:
+    """rbar^k = ((sum_n a~_n)^2 - sum_n a~_n^2) / (N (N - 1)), the mean off-diagonal r_nm^k."""
+    a, alive = minmax_normalise(acts)
+    n = a.shape[0]
+    r = (a.sum(0) ** 2 - (a * a).sum(0)) / (n * (n - 1))
+    return torch.where(alive, r, torch.full_like(r, math.nan))
+
+
+def weighted_ms(ms: Tensor, acts: Tensor) -> Tensor:
+    """wMS^k = MS^k / rbar^k: the activation-weighted mean similarity (NaN where rbar = 0)."""
+    r = mean_pair_weight(acts)
+    return torch.where(r > 0, ms / r.clamp_min(1e-30), torch.full_like(ms, math.nan))
+
+
+def mean_offdiagonal(sim: Tensor) -> float:
+    """sbar = 1 / (N (N - 1)) sum_{n != m} s_nm."""
+    n = sim.shape[0]
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def shuffle_columns(acts: Tensor, seed: int) -> Tensor:
+    """Each column of ``acts`` (N, K) permuted over the images independently (the control)."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = acts.shape
+    idx = torch.argsort(torch.rand(n, k, generator=g), dim=0)
+    return torch.gather(acts, 0, idx)
+
+
+def label_embedding(labels: Tensor, n_labels: int) -> Tensor:
+    """One-hot labels (N, C): their cosine is 1 for two images of the same label, else 0."""
+    return F.one_hot(labels.long(), n_labels).float()
+
+
+def pixel_embedding(images: list[Tensor], size: int = 28) -> Tensor:
+    """Grey images resized to ``size`` x ``size``, flattened and centred on the mean image.
+
+    Centring makes the cosine compare deviations from the average image (raw non-negative pixels
+    have cosine near 1 for any two images of a dark-background dataset).
+    """
+    parts = []
+    for x in images:
+        x = x.float()[:, None] / 255.0 if x.dtype == torch.uint8 else x.float()[:, None]
+        parts.append(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True))
+    flat = torch.cat(parts).flatten(1)
+    return flat - flat.mean(0)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_embedding(
+    model: torch.nn.Module,
+    block: torch.nn.Module,
+    forward: Callable[[Tensor], object],
+    pixels: Callable[[Tensor], Tensor],
+    images: Tensor,
+    batch_size: int = 128,
+) -> Tensor:
+    """Spatially pooled output of one ``block`` of a CNN (N, C), stopping the forward there.
+
+    ``pixels`` turns a batch of images into the network's input, ``forward`` runs the network;
+    a forward hook on ``block`` records its mean over space and aborts the rest of the pass.
+    """
+    out: list[Tensor] = []
+
+    def hook(_: torch.nn.Module, __: object, output: Tensor) -> None:
+        out.append(output.float().mean(dim=(2, 3)))
+        raise _Stop
+
+    handle = block.register_forward_hook(hook)
+    model.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            try:
+                forward(pixels(images[i : i + batch_size]))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not out:
+        raise RuntimeError("the hooked block never ran: is it part of the forward pass?")
+    return torch.cat(out)
+
+
+def top_images(acts: Tensor, unit: int, n: int) -> Tensor:
+    """Indices of the ``n`` images with the largest activation of column ``unit``."""
+    return acts[:, unit].topk(min(n, acts.shape[0])).indices
+
+
+def summarise(scores: Tensor) -> dict[str, float]:
+    """Mean, median, quartiles and count of the finite scores (None-free floats for JSON)."""
+    s = scores[torch.isfinite(scores)].double()
+    if len(s) == 0:
+        return {"mean": math.nan, "median": math.nan, "q25": math.nan, "q75": math.nan, "n": 0.0}
+    q = torch.quantile(s, torch.tensor([0.25, 0.5, 0.75], dtype=s.dtype))
+    return {
+        "mean": float(s.mean()),
+        "median": float(q[1]),
+        "q25": float(q[0]),
+        "q75": float(q[2]),
+        "n": float(len(s)),
+    }

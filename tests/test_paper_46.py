@@ -1,0 +1,159 @@
+"""Paper 46 (Pach et al., MonoSemanticity score): the folder helpers on hand-made inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_PATH = ROOT / "papers" / "46_monosemanticity" / "monosemanticity.py"
+_spec = importlib.util.spec_from_file_location("monosemanticity_46", _PATH)
+ms46 = importlib.util.module_from_spec(_spec)
+sys.modules["monosemanticity_46"] = ms46
+_spec.loader.exec_module(ms46)
+
+
+def naive_ms(acts: torch.Tensor, sim: torch.Tensor) -> list[float]:
+    """The paper's double loop: MS^k = 1/(N(N-1)) sum_{n != m} a~_n a~_m s_nm."""
+    n, k = acts.shape
+    out = []
+    for j in range(k):
+        col = acts[:, j].double()
+        lo, hi = float(col.min()), float(col.max())
+        if hi == lo:
+            out.append(math.nan)
+            continue
+        a = [(float(v) - lo) / (hi - lo) for v in col]
+        total = 0.0
+        for p in range(n):
+            for q in range(n):
+                if p != q:
+                    total += a[p] * a[q] * float(sim[p, q])
+        out.append(total / (n * (n - 1)))
+    return out
+
+
+@pytest.fixture
+def random_case():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(9, 5, generator=g)  # signed, like raw neurons
+    acts[:, 1] = torch.relu(acts[:, 1])  # a ReLU unit
+    acts[:, 3] = 2.5  # a dead (constant) unit
+    emb = torch.randn(9, 4, generator=g)
+    return acts, emb
+
+
+def test_matrix_forms_match_double_loop(random_case):
+    acts, emb = random_case
+    sim = ms46.cosine_similarity_matrix(emb)
+    expected = torch.tensor(naive_ms(acts, sim), dtype=torch.float32)
+    dense = ms46.ms_scores(acts, sim, batch_size=2)  # several unit batches
+    low_rank = ms46.ms_scores_embedded(acts, emb, batch_size=3)
+    for got in (dense, low_rank):
+        assert torch.isnan(got[3]) and torch.isnan(expected[3])
+        ok = ~torch.isnan(expected)
+        torch.testing.assert_close(got[ok], expected[ok], atol=1e-5, rtol=1e-4)
+
+
+def test_dense_form_with_nonunit_diagonal():
+    # a general similarity (not a cosine): the diagonal must still be excluded
+    g = torch.Generator().manual_seed(1)
+    acts = torch.rand(6, 3, generator=g)
+    sim = torch.rand(6, 6, generator=g) + 5 * torch.eye(6)
+    torch.testing.assert_close(
+        ms46.ms_scores(acts, sim), torch.tensor(naive_ms(acts, sim), dtype=torch.float32)
+    )
+
+
+def test_known_values():
+    # two groups of identical images; unit 0 fires on group A only, unit 1 on everything
+    emb = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
+    acts = torch.tensor([[1.0, 1.0]] * 3 + [[0.0, 1.0]] * 3)
+    acts[0, 1] = 0.0  # unit 1 is not constant: a~ = 0 on image 0, 1 elsewhere
+    ms = ms46.ms_scores_embedded(acts, emb)
+    # unit 0: pairs within group A (3 * 2 ordered) with s = 1, over N(N-1) = 30
+    assert float(ms[0]) == pytest.approx(6 / 30)
+    # unit 1: images 1..5 active; same-group ordered pairs: {1,2} -> 2, {3,4,5} -> 6
+    assert float(ms[1]) == pytest.approx(8 / 30)
+    w = ms46.weighted_ms(ms, acts)
+    assert float(w[0]) == pytest.approx(1.0)  # all its weight on identical images
+    assert float(w[1]) == pytest.approx(8 / 20)  # 5 * 4 weighted pairs, 8 of them alike
+
+
+def test_minmax_handles_sign_and_dead_units():
+    acts = torch.tensor([[-2.0, 3.0], [0.0, 3.0], [2.0, 3.0]])
+    a, alive = ms46.minmax_normalise(acts)
+    torch.testing.assert_close(a[:, 0], torch.tensor([0.0, 0.5, 1.0]))
+    assert alive.tolist() == [True, False]
+    assert torch.all(a[:, 1] == 0)
+    # an affine change of a unit's activations (positive scale) leaves its MS unchanged
+    emb = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    ms1 = ms46.ms_scores_embedded(acts[:, :1], emb)
+    ms2 = ms46.ms_scores_embedded(3 * acts[:, :1] + 7, emb)
+    torch.testing.assert_close(ms1, ms2)
+
+
+def test_shuffle_control_expectation():
+    # averaged over many shuffles, MS -> rbar * sbar and wMS -> sbar
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    emb = torch.randn(n, 3, generator=g) + torch.tensor([1.0, 0.0, 0.0])
+    acts = torch.relu(torch.randn(n, 1, generator=g))
+    sbar = ms46.mean_offdiagonal(ms46.cosine_similarity_matrix(emb))
+    rbar = float(ms46.mean_pair_weight(acts)[0])
+    many = torch.cat([ms46.shuffle_columns(acts, s) for s in range(400)], dim=1)
+    mean_ms = float(ms46.ms_scores_embedded(many, emb).mean())
+    assert mean_ms == pytest.approx(rbar * sbar, rel=0.05)
+    # and a shuffle keeps each column's values
+    one = ms46.shuffle_columns(acts, 0)
+    torch.testing.assert_close(one.sort(0).values, acts.sort(0).values)
+
+
+def test_label_embedding_and_pixels():
+    labels = torch.tensor([0, 1, 0, 2])
+    sim = ms46.cosine_similarity_matrix(ms46.label_embedding(labels, 3))
+    torch.testing.assert_close(sim, (labels[:, None] == labels[None]).float())
+    imgs = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8), torch.zeros(2, 28, 28)]
+    pix = ms46.pixel_embedding(imgs, size=14)
+    assert pix.shape == (5, 196)
+    torch.testing.assert_close(pix.mean(0), torch.zeros(196), atol=1e-6, rtol=0)
+
+
+def test_block_embedding_stops_at_the_block():
+    calls = []
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 2, 1)
+            self.b = torch.nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            calls.append("after a")
+            return self.b(h)
+
+    net = Net()
+    images = torch.rand(5, 1, 3, 3)
+    out = ms46.block_embedding(net, net.a, net, lambda b: b, images, batch_size=2)
+    torch.testing.assert_close(out, net.a(images).mean(dim=(2, 3)))
+    assert calls == []  # the forward never got past block a
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        ms46.ms_scores(torch.ones(1, 3), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="similarity must be"):
+        ms46.ms_scores(torch.rand(4, 2), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="embeddings must be"):
+        ms46.ms_scores_embedded(torch.rand(4, 2), torch.ones(3, 2))
+
+
+def test_summarise_ignores_nan():
+    s = ms46.summarise(torch.tensor([1.0, math.nan, 3.0, 2.0]))
+    assert s["median"] == pytest.approx(2.0) and s["n"] == 3.0
