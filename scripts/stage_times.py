@@ -5,9 +5,10 @@
     python scripts/stage_times.py full.log later.log > papers/STAGE_TIMES.md  # later runs win
 
 A stage's time runs from its "Running stage" line to the next stage's (or the end of the log).
-Stages `paper_<folder>` and `claims@<folder>` belong to `papers/<folder>`; the shared stages
-(parameters, toy data, model conversion, activation extraction) and the cross-paper comparison
-belong to `00_compare`.
+Stages `paper_<folder>` and `claims@<folder>` belong to `papers/<folder>`; the cross-architecture
+comparison (toy and LM training, evaluation, figures) to `00_compare`; everything the papers share
+(parameters, toy data, model conversion, activation extraction, the CLIP-style model, the
+diffusion model and its classifier, the claims table) to `shared`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ def stage_times(lines: list[str]) -> list[tuple[str, int]]:
     return times
 
 
+COMPARE_STAGES = ("train_toy", "eval_toy", "compare_toy", "train_lm", "eval_lm", "compare_lm")
+
+
 def paper_of(stage: str) -> str:
     """The paper folder a stage belongs to (see the module docstring)."""
     match = re.match(r"(?:paper_|claims@)(\d\d_\w+)$", stage)
-    return match.group(1) if match else "00_compare"
+    if match:
+        return match.group(1)
+    return "00_compare" if stage.split("@")[0] in COMPARE_STAGES else "shared"
 
 
 def markdown(times: list[tuple[str, int]], note: str) -> str:

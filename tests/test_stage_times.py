@@ -23,6 +23,9 @@ def test_times_and_groups():
                      ("compare_lm", 8)]  # fmt: skip
     assert stage_times.paper_of("claims@07_topk") == "07_topk"
     assert stage_times.paper_of("train_lm@topk") == "00_compare"
+    assert stage_times.paper_of("extract_lm@train") == "shared"
+    assert stage_times.paper_of("train_diffusion") == "shared"
     text = stage_times.markdown(times, "test box")
     assert "**Whole repository: 60 s (1.0 min).**" in text
-    assert "| [07_topk](#07_topk) | 42 |" in text and "| [00_compare](#00_compare) | 18 |" in text
+    assert "| [07_topk](#07_topk) | 42 |" in text and "| [00_compare](#00_compare) | 8 |" in text
+    assert "| [shared](#shared) | 10 |" in text
