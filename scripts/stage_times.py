@@ -59,7 +59,7 @@ def markdown(times: list[tuple[str, int]], note: str) -> str:
         "do not edit by hand. -->",
         "# Wall time of every stage of the default profile",
         "",
-        f"_Full `dvc repro` from scratch on {date.today().isoformat()}. {note}_",
+        f"_Timed `dvc repro` of the default profile, {date.today().isoformat()}. {note}_",
         "",
         f"**Whole repository: {total} s ({total / 60:.1f} min).**",
         "",
