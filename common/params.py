@@ -152,6 +152,11 @@ def _paper_folders(value: Any, key: str) -> None:
 
 
 # The in-notebook training budget shared by the papers that sweep a ReLU + L1 baseline (02, 07).
+IMAGE_DATASETS = (
+    lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
+    "a non-empty list drawn from ['fashion-mnist', 'digits']",
+)
+
 RELU_SWEEP_BUDGET: dict[str, Any] = {
     "train_tokens": POS_INT,
     "eval_tokens": POS_INT,
@@ -254,10 +259,7 @@ SCHEMA: dict[str, Any] = {
             "dead_after_tokens": POS_INT,
         },
         "14_patch_sae": {
-            "datasets": (
-                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
-                "a non-empty list drawn from ['fashion-mnist', 'digits']",
-            ),
+            "datasets": IMAGE_DATASETS,
             "n_images": POS_INT,
             "n_test": POS_INT,
             "expansion": POS_INT,
@@ -303,10 +305,7 @@ SCHEMA: dict[str, Any] = {
             "grid_columns": POS_INT,
         },
         "28_msae": {
-            "datasets": (
-                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
-                "a non-empty list drawn from ['fashion-mnist', 'digits']",
-            ),
+            "datasets": IMAGE_DATASETS,
             "n_train": POS_INT,
             "n_test": POS_INT,
             "expansion": POS_INT,
@@ -372,10 +371,7 @@ SCHEMA: dict[str, Any] = {
             "n_grid_images": POS_INT,
         },
         "03_splice": {
-            "datasets": (
-                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
-                "a non-empty list drawn from ['fashion-mnist', 'digits']",
-            ),
+            "datasets": IMAGE_DATASETS,
             "n_eval": POS_INT,
             "corpora": (
                 lambda v: (
@@ -397,10 +393,7 @@ SCHEMA: dict[str, Any] = {
             "n_pairs": POS_INT,
         },
         "21_universal": {
-            "datasets": (
-                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
-                "a non-empty list drawn from ['fashion-mnist', 'digits']",
-            ),
+            "datasets": IMAGE_DATASETS,
             "n_train": POS_INT,
             "n_test": POS_INT,
             "image_size": (lambda v: _is_int(v) and v >= 32, "an integer >= 32 (pixels)"),
@@ -431,10 +424,7 @@ SCHEMA: dict[str, Any] = {
             "extract_batch_size": POS_INT,
         },
         "18_archetypal": {
-            "datasets": (
-                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
-                "a non-empty list drawn from ['fashion-mnist', 'digits']",
-            ),
+            "datasets": IMAGE_DATASETS,
             "n_train": POS_INT,
             "n_test": POS_INT,
             "d_sae": POS_INT,
@@ -452,10 +442,7 @@ SCHEMA: dict[str, Any] = {
             "n_grid_images": POS_INT,
         },
         "46_monosemanticity": {
-            "datasets": (
-                lambda v: isinstance(v, list) and bool(v) and set(v) <= {"fashion-mnist", "digits"},
-                "a non-empty list drawn from ['fashion-mnist', 'digits']",
-            ),
+            "datasets": IMAGE_DATASETS,
             "n_eval": POS_INT,
             "architecture": one_of("topk", "batchtopk", "matryoshka"),
             "sweep_architecture": one_of("topk", "batchtopk", "matryoshka"),
