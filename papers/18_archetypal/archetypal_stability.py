@@ -36,6 +36,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from common.evals.evaluate import encode_decode
 from common.sae import SAE
 from common.train import TensorBatches, TrainConfig, train
 
@@ -84,15 +85,9 @@ def train_with_init(
     return sae.eval(), init
 
 
-@torch.no_grad()
 def codes_and_reconstruction(sae: SAE, x: Tensor, batch_size: int = 2048) -> tuple[Tensor, Tensor]:
     """``(z, x_hat)`` of raw features ``x`` (N, d): z in SAE units, x_hat in raw units."""
-    zs, xs = [], []
-    for chunk in x.split(batch_size):
-        z = sae.encode(sae.scale_in(chunk))
-        zs.append(z)
-        xs.append(sae.scale_out(sae.decode(z)))
-    return torch.cat(zs), torch.cat(xs)
+    return encode_decode(sae, x, batch_size)
 
 
 # --- stability -----------------------------------------------------------------------------------

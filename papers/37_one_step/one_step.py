@@ -35,28 +35,22 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from common.evals.evaluate import encode_decode
+from common.evals.reconstruction import reconstruction_metrics
 from common.sae import SAE
 
 
 # --- SAE codes in raw units ---------------------------------------------------------------------
-@torch.no_grad()
 def sae_codes(sae: SAE, x: Tensor, batch_size: int = 8192) -> tuple[Tensor, Tensor]:
     """``(z, x_hat)`` for tokens ``x`` (N, d) in raw units: z = encode(c x), x_hat = decode(z)/c."""
-    sae.eval()
-    zs, hats = [], []
-    for chunk in x.split(batch_size):
-        z = sae.encode(sae.scale_in(chunk))
-        zs.append(z)
-        hats.append(sae.scale_out(sae.decode(z)))
-    return torch.cat(zs), torch.cat(hats)
+    return encode_decode(sae, x, batch_size)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
     """FVU = sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean(x)||^2 (variance about x's own mean)."""
     if x.shape != x_hat.shape or x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need two (N >= 2, d) tensors of one shape, got {x.shape}, {x_hat.shape}")
-    total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return float((x - x_hat).pow(2).sum() / total)
+    return reconstruction_metrics(x, x_hat)["fvu"]
 
 
 def fvu_by_group(x: Tensor, x_hat: Tensor, groups: Tensor) -> dict[int, float]:
