@@ -1,71 +1,99 @@
-"""A tiny Stable-Diffusion-shaped pipeline saved with save_pretrained loads by path through the
-same ``load_diffusion`` / ``sample`` / ``capture_sites`` / ``replace_site`` API the papers use."""
+"""Tiny Stable-Diffusion- and SDXL-shaped pipelines saved with save_pretrained load by path through
+the same ``load_diffusion`` / ``sample`` / ``capture_sites`` / ``replace_site`` API the papers
+use, and sample what diffusers' own pipelines sample from the same noise."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from tiny_hub import save_tiny_sd
 
-from common.models.diffusion import capture_sites, list_unet_sites, load_diffusion, sample
+from common.models.diffusion import (
+    capture_sites,
+    ddim_scheduler,
+    list_unet_sites,
+    load_diffusion,
+    replace_site,
+    sample,
+)
 
 diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in letters:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77)
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-        layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
-    )  # fmt: skip
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
-    return folder / "pipe"
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sdxl"), sdxl=True)
 
 
 def test_hub_pipeline_samples_through_the_vae(tiny_sd):
     model = load_diffusion(tiny_sd, class_names=["cat", "dog"])
     assert model.image_size == 16 and model.vae is not None
+    assert model.encoder.added_conditioning(["a cat"]) is None
     captions = [model.caption(c) for c in range(2)]
     images = sample(model, captions, num_steps=2, seed=0)
     assert images.shape == (2, 3, 16, 16)
     assert 0 <= float(images.min()) and float(images.max()) <= 1
     torch.testing.assert_close(images, sample(model, captions, num_steps=2, seed=0))
+
+
+def _pipeline_images(pipeline_cls, folder, model, captions, guidance, steps=2):
+    """diffusers' own pipeline from the same noise, DDIM (trailing, eta = 0), images in [0, 1]."""
+    pipe = pipeline_cls.from_pretrained(folder, use_safetensors=True)
+    pipe.scheduler = ddim_scheduler(model)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        captions, num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
+        output_type="pt", height=16, width=16,
+    )  # fmt: skip
+    return out.images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sd_samples_match_the_diffusers_pipeline(tiny_sd, guidance):
+    from diffusers import StableDiffusionPipeline
+
+    model = load_diffusion(tiny_sd, class_names=["cat", "dog"])
+    captions = ["a photo of a cat", "a photo of a dog"]
+    ours = sample(model, captions, num_steps=2, guidance_scale=guidance, eta=0.0, seed=0)
+    ref = _pipeline_images(StableDiffusionPipeline, tiny_sd, model, captions, guidance)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_sdxl_conditioning_and_samples_match_the_diffusers_pipeline(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    model = load_diffusion(tiny_sdxl, class_names=["cat", "dog"])
+    assert model.metadata["sdxl"] and model.encoder.dim == 32  # 16 + 16 hidden features
+    emb, mask = model.encoder(["a cat", ""])
+    assert emb.shape == (2, 77, 32) and bool(mask.all())
+    extra = model.encoder.added_conditioning(["a cat", ""])
+    assert extra["text_embeds"].shape == (2, 12)
+    assert extra["time_ids"].tolist()[0] == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
+    # force_zeros_for_empty_prompt: the unconditional input of guidance is all zeros
+    assert not emb[1].any() and not extra["text_embeds"][1].any() and emb[0].any()
+
+    captions = ["a photo of a cat", "a photo of a dog"]
+    for guidance in (1.0, 3.0):
+        ours = sample(model, captions, num_steps=2, guidance_scale=guidance, eta=0.0, seed=0)
+        ref = _pipeline_images(StableDiffusionXLPipeline, tiny_sdxl, model, captions, guidance)
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_sdxl_sites_capture_and_replace(tiny_sdxl):
+    model = load_diffusion(tiny_sdxl, class_names=["cat", "dog"])
+    site = list_unet_sites(model.unet)[0]
+    with capture_sites(model.unet, [site]) as cap:
+        before = sample(model, ["a photo of a cat"], num_steps=1, guidance_scale=1.0)
+    assert cap.tokens(site).shape == (8 * 8, 8) and cap.timesteps(site).tolist()[0] == 999
+    with replace_site(model.unet, site, lambda delta, t: torch.zeros_like(delta)):
+        after = sample(model, ["a photo of a cat"], num_steps=1, guidance_scale=1.0)
+    assert (after - before).abs().max() > 1e-6  # the block's update matters to the image
 
 
 def test_hub_pipeline_sites_capture_like_the_small_model(tiny_sd):

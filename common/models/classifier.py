@@ -79,6 +79,12 @@ class ImageClassifier(nn.Module):
         return self.head(self.features((x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD))
 
     @torch.no_grad()
+    def embed(self, x: Tensor) -> Tensor:
+        """Penultimate features (B, 128), post-ReLU: the space of the Frechet distance."""
+        self.eval()
+        return self.head[:-1](self.features((x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD))
+
+    @torch.no_grad()
     def predict(self, x: Tensor, batch_size: int = 1024) -> Tensor:
         """argmax_k f(x)_k for every image, in eval mode."""
         self.eval()

@@ -89,6 +89,12 @@ SITE_PREFIX = "unet."
 
 
 # --- text conditioning ---------------------------------------------------------------------------
+def check_captions(captions: Sequence[str]) -> None:
+    """Raise a TypeError unless ``captions`` is a list of strings (not one bare string)."""
+    if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+        raise TypeError(f"captions must be a list of strings, got {captions!r}")
+
+
 class CaptionEncoder:
     """Captions -> MiniLM token embeddings c (T x 384, last hidden state) and attention mask m.
 
@@ -121,8 +127,7 @@ class CaptionEncoder:
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """(len(captions), max_tokens, 384) embeddings and a (len(captions), max_tokens) mask."""
-        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
-            raise TypeError(f"captions must be a list of strings, got {captions!r}")
+        check_captions(captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
             tokenizer, model = self.text_model.tokenizer, self.text_model.model
@@ -142,6 +147,10 @@ class CaptionEncoder:
         emb = torch.stack([self._cache[c][0] for c in captions])
         mask = torch.stack([self._cache[c][1] for c in captions])
         return emb, mask
+
+    def added_conditioning(self, captions: Sequence[str]) -> dict[str, Tensor] | None:
+        """Extra U-Net inputs per caption (SDXL's pooled text and size ids); none here."""
+        return None
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -583,32 +592,47 @@ def sample(
     if guidance_scale < 1:
         raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
     unet = model.unet.eval()
-    device = next(unet.parameters()).device
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
     size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(captions), channels, size, size, generator=gen)
     step_noise = torch.randn(num_steps, *noise.shape, generator=gen) if eta > 0 else None
-    cond_all, cond_mask_all = (v.to(device) for v in model.encoder(list(captions)))
-    null, null_mask = (v.to(device) for v in model.encoder([""]))
+    cond_all, cond_mask_all = model.encoder(list(captions))
+    null, null_mask = model.encoder([""])
+    # SDXL also takes pooled text embeddings and size ids per row (None for other U-Nets).
+    extra_all = model.encoder.added_conditioning(list(captions))
+    extra_null = model.encoder.added_conditioning([""])
     use_cfg = guidance_scale > 1
+
+    def rows(cond: Tensor, uncond: Tensor, lo: int, n: int) -> Tensor:
+        """Rows lo..lo+n of the captions' conditioning, after n unconditional rows with CFG."""
+        part = cond[lo : lo + n]
+        if use_cfg:
+            part = torch.cat([uncond.expand(n, *uncond.shape[1:]), part])
+        return part.to(device, dtype)
+
     out = []
     for lo in range(0, len(captions), batch_size):
-        x = noise[lo : lo + batch_size].to(device)
+        x = noise[lo : lo + batch_size].to(device, dtype)
         n = len(x)
-        cond, cond_mask = cond_all[lo : lo + n], cond_mask_all[lo : lo + n]
-        if use_cfg:
-            cond = torch.cat([null.expand(n, -1, -1), cond])
-            cond_mask = torch.cat([null_mask.expand(n, -1), cond_mask])
+        cond = rows(cond_all, null, lo, n)
+        cond_mask = rows(cond_mask_all, null_mask, lo, n)
+        added = None
+        if extra_all is not None and extra_null is not None:
+            added = {key: rows(extra_all[key], extra_null[key], lo, n) for key in extra_all}
         scheduler = ddim_scheduler(model)
         scheduler.set_timesteps(num_steps)
         for i, t in enumerate(scheduler.timesteps):
             x_in = torch.cat([x, x]) if use_cfg else x
-            eps = unet(x_in, t, cond, encoder_attention_mask=cond_mask).sample
+            eps = unet(
+                x_in, t, cond, encoder_attention_mask=cond_mask, added_cond_kwargs=added
+            ).sample
             if use_cfg:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)
             if step_noise is not None:
-                z = step_noise[i, lo : lo + n].to(device)
+                z = step_noise[i, lo : lo + n].to(device, dtype)
                 x = scheduler.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
             else:
                 x = scheduler.step(eps, t, x).prev_sample
@@ -847,21 +871,27 @@ def _fashion_mnist(split: str, size: int, n: int | None, seed: int) -> tuple[Ten
 def save_grid(
     images: Tensor, rows: int, path: str | Path, labels: Sequence[str] = (), scale: int = 3
 ) -> None:
-    """Write images (N, 1, S, S) in [0, 1] as a PNG grid of ``rows`` rows, labels on the left."""
+    """Write images (N, C, S, S) in [0, 1] (C = 1 grey, 3 RGB) as a PNG grid of ``rows`` rows,
+    labels on the left; each image is enlarged ``scale`` times (nearest neighbour)."""
     from PIL import Image, ImageDraw
 
-    n, _, s, _ = images.shape
+    n, channels, s, _ = images.shape
+    if channels not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)}")
+    mode = "L" if channels == 1 else "RGB"
     cols = math.ceil(n / rows)
     label_w = 80 if labels else 0
-    pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8)
-    canvas = Image.new("L", (label_w + cols * (s * scale + 1), rows * (s * scale + 1)), 0)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    canvas = Image.new(mode, (label_w + cols * (s * scale + 1), rows * (s * scale + 1)))
     for i in range(n):
         r, c = divmod(i, cols)
-        tile = Image.fromarray(pixels[i].numpy()).resize((s * scale, s * scale), Image.NEAREST)
+        tile = Image.fromarray(pixels[i].squeeze(-1).numpy(), mode)
+        tile = tile.resize((s * scale, s * scale), Image.NEAREST)
         canvas.paste(tile, (label_w + c * (s * scale + 1), r * (s * scale + 1)))
     draw = ImageDraw.Draw(canvas)
+    white = 255 if channels == 1 else (255, 255, 255)
     for r, text in enumerate(labels[:rows]):
-        draw.text((2, r * (s * scale + 1) + s * scale // 3), text, fill=255)
+        draw.text((2, r * (s * scale + 1) + s * scale // 3), text, fill=white)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
@@ -897,13 +927,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from common.models.classifier import load_classifier, score
+    from common.models.classifier import score
+    from common.models.scorers import load_scorer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_diffusion(args.model)
+    model = load_diffusion(args.model, class_names=args.class_names)
     model.unet.to(args.device)
-    classifier = load_classifier(args.classifier) if args.classifier else None
+    classifier = load_scorer(args.classifier, model.class_names) if args.classifier else None
     captions = class_captions(model, args.per_class, args.template)
     labels = torch.arange(len(model.class_names)).repeat_interleave(args.per_class)
     out = Path(args.out)
@@ -968,7 +999,15 @@ def main(argv: list[str] | None = None) -> None:
 
     s = sub.add_parser("sample", help="draw a class grid and score it with the classifier")
     s.add_argument("--model", required=True)
-    s.add_argument("--classifier", default=None, help="folder from common.models.classifier")
+    s.add_argument(
+        "--classifier",
+        default=None,
+        help="scorer: a folder from common.models.classifier, or a CLIP (zero-shot) for a hub "
+        "pipeline's images",
+    )
+    s.add_argument(
+        "--class-names", nargs="+", default=None, help="concepts to prompt (hub pipelines)"
+    )
     s.add_argument("--per-class", type=int, default=16)
     s.add_argument(
         "--steps", nargs="+", default=["10"], help="DDIM steps, several ok: 1 4 10 or 1,4,10"
