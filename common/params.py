@@ -157,6 +157,15 @@ IMAGE_DATASETS = (
     "a non-empty list drawn from ['fashion-mnist', 'digits']",
 )
 
+# The diffusion papers' model, scorer and prompts: the pipeline's own 16x16 model and CNN by
+# default, a hub pipeline (e.g. stabilityai/sdxl-turbo) and a CLIP (zero-shot) in the GPU profile.
+DIFFUSION_MODELS: dict[str, Any] = {
+    "diffusion": STRING,
+    "scorer": STRING,
+    "class_names": list_of(STRING, min_len=0),
+    "device": STRING,
+}
+
 RELU_SWEEP_BUDGET: dict[str, Any] = {
     "train_tokens": POS_INT,
     "eval_tokens": POS_INT,
@@ -276,6 +285,7 @@ SCHEMA: dict[str, Any] = {
             "extract_batch_size": POS_INT,
         },
         "37_one_step": {
+            **DIFFUSION_MODELS,
             "sites": (
                 lambda v: (
                     v == "auto"
@@ -464,6 +474,7 @@ SCHEMA: dict[str, Any] = {
             "n_grid_images": POS_INT,
         },
         "17_saeuron": {
+            **DIFFUSION_MODELS,
             "site": STRING,
             "site_value": one_of("update", "output"),
             "num_steps": POS_INT,

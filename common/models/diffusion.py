@@ -41,6 +41,10 @@ norm(h)))) + h). Each spatial position of each image at each denoising step is o
 (B*H*W, C), recorded with its timestep (papers 17 and 37). ``capture_sites`` records them;
 ``replace_site`` swaps delta for f(delta, t) (SAE reconstructions, edited codes).
 
+A Stable Diffusion 1.x/2.x or SDXL (Turbo) pipeline loads behind the same API by name,
+``load_diffusion("stabilityai/sdxl-turbo", class_names=[...])`` (``common.models.hub_diffusion``);
+``common.models.scorers`` scores its images with CLIP zero-shot.
+
 Command line::
 
     python -m common.models.diffusion train --out runs/diffusion --steps 1200 --seed 0 \
@@ -269,18 +273,22 @@ def load_diffusion(
     *,
     class_names: Sequence[str] | None = None,
     allow_download: bool = False,
+    device: str | torch.device = "cpu",
 ) -> DiffusionModel:
-    """Load a folder written by ``DiffusionModel.save`` (safetensors only), frozen, eval mode.
+    """Load a folder written by ``DiffusionModel.save`` (safetensors only), frozen, eval mode,
+    with its U-Net on ``device``; ``class_names``, if given, must be the model card's.
 
-    A diffusers Stable Diffusion pipeline (a folder with ``model_index.json`` or a hub id such as
-    ``runwayml/stable-diffusion-v1-5``) loads through ``common.models.hub_diffusion`` instead;
+    A diffusers Stable Diffusion / SDXL pipeline (a folder with ``model_index.json`` or a hub id
+    such as ``stabilityai/sdxl-turbo``) loads through ``common.models.hub_diffusion`` instead;
     it needs ``class_names`` (the concepts to prompt for) and downloads only with
     ``allow_download=True``.
     """
     from common.models.hub_diffusion import is_hub_pipeline, load_hub_diffusion
 
     if is_hub_pipeline(folder):
-        return load_hub_diffusion(folder, class_names or (), allow_download=allow_download)
+        return load_hub_diffusion(
+            folder, class_names or (), allow_download=allow_download, device=str(device)
+        )
     folder = Path(folder)
     card_path = folder / MODEL_CARD
     if not card_path.is_file() or not (folder / UNET_DIR / "config.json").is_file():
@@ -289,8 +297,13 @@ def load_diffusion(
             f"one with `python -m common.models.diffusion train --out {folder}`"
         )
     card = json.loads(card_path.read_text())
+    if class_names and tuple(class_names) != tuple(card["class_names"]):
+        raise ValueError(
+            f"{folder} was trained on the classes {card['class_names']}, not {list(class_names)}; "
+            "leave class_names empty to use the model's own"
+        )
     unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR, use_safetensors=True)
-    unet.eval().requires_grad_(False)
+    unet.to(device).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(folder / SCHEDULER_DIR)
     encoder = encoder or CaptionEncoder(max_tokens=card["max_tokens"])
     if encoder.max_tokens != card["max_tokens"]:
@@ -639,9 +652,22 @@ def sample(
             if callback is not None:
                 callback(i, int(t), x)
         if model.vae is not None:  # latent diffusion: decode z_0 to pixels in [-1, 1]
-            x = model.vae.decode(x.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
+            x = decode_latents(model.vae, x)
         out.append(x.float().cpu())
     return (torch.cat(out).clamp(-1, 1) + 1) / 2
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, z: Tensor, batch_size: int = 8) -> Tensor:
+    """x = VAE.decode(z / scaling_factor), in chunks (a decoder's activations at full resolution
+    are large): pixels in about [-1, 1], on the CPU."""
+    scale = vae.config.scaling_factor
+    return torch.cat(
+        [
+            vae.decode(z[i : i + batch_size].to(vae.dtype) / scale).sample.float().cpu()
+            for i in range(0, len(z), batch_size)
+        ]
+    )
 
 
 def class_captions(model: DiffusionModel, per_class: int, template: int = 0) -> list[str]:
@@ -824,7 +850,11 @@ def capture_sites(
 
 @contextmanager
 def replace_site(
-    unet: nn.Module, site: str, fn: Callable[[Tensor, Tensor], Tensor], value: str = "update"
+    unet: nn.Module,
+    site: str,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    value: str = "update",
+    fn_device: str | torch.device | None = "cpu",
 ) -> Iterator[None]:
     """Inside ``with``, the block at ``site`` outputs h + fn(delta, t) instead of h + delta.
 
@@ -832,6 +862,8 @@ def replace_site(
     returns new tokens of the same shape (an SAE reconstruction, an edited code decoded). The
     output is written as y + (fn(delta) - delta), so the identity leaves it bit-for-bit unchanged.
     With ``value="output"`` fn gets and replaces the block output y itself: y -> fn(y, t).
+    ``fn`` runs on ``fn_device`` in float32 (the CPU by default, where SAEs trained on captured
+    tokens live; None: the U-Net's device and dtype), its result goes back to the U-Net's.
     """
     _check_value(value)
     module = resolve_unet_site(unet, site)
@@ -841,12 +873,17 @@ def replace_site(
         h, y = _block_io(args, kwargs, output)
         b, c, hh, ww = y.shape
         delta = tokens_from(y - h if value == "update" else y, "spatial").reshape(-1, c)
-        new = fn(delta, tracker.per_token(b, hh * ww).to(delta.device))
+        t = tracker.per_token(b, hh * ww)
+        if fn_device is None:
+            new = fn(delta, t.to(delta.device))
+        else:
+            new = fn(delta.to(fn_device, torch.float32), t.to(fn_device))
         if not isinstance(new, Tensor) or new.shape != delta.shape:
             raise ValueError(
                 f"replacement at {site} must return a tensor of shape {tuple(delta.shape)} "
                 f"(tokens x channels), got {getattr(new, 'shape', type(new))}"
             )
+        new = new.to(delta.device, delta.dtype)
         change = (new - delta).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
         return _with_output(output, y + change)
 

@@ -2,12 +2,13 @@
 
 The diffusion papers (17 SAeUron, 37 one-step SAEs) run offline on the pipeline's own 16x16 U-Net
 (``common.models.diffusion``). On a machine with internet and a GPU the same notebooks and stages
-take a Stable Diffusion pipeline by name: ``load_diffusion("runwayml/stable-diffusion-v1-5",
-class_names=[...])`` or ``load_diffusion("stabilityai/sdxl-turbo", class_names=[...])`` (any
-diffusers folder or hub id with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
-``scheduler/``, plus ``text_encoder_2/`` and ``tokenizer_2/`` for SDXL) returns a
-``DiffusionModel`` whose ``encoder`` gives the pipeline's text conditioning and whose ``vae``
-decodes the sampled latents: images = VAE.decode(z_0 / scaling_factor).
+take a Stable Diffusion pipeline by name:
+``load_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5", class_names=[...])`` or
+``load_diffusion("stabilityai/sdxl-turbo", class_names=[...])`` (any diffusers folder or hub id
+with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``, plus
+``text_encoder_2/`` and ``tokenizer_2/`` for SDXL) returns a ``DiffusionModel`` whose ``encoder``
+gives the pipeline's text conditioning and whose ``vae`` decodes the sampled latents:
+images = VAE.decode(z_0 / scaling_factor).
 
 Text conditioning, as the diffusers pipelines compute it:
 

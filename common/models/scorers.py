@@ -75,9 +75,14 @@ class ZeroShotScorer(nn.Module):
 
 
 def load_scorer(
-    spec: str | Path, class_names: Sequence[str] | None = None, *, allow_download: bool = False
+    spec: str | Path,
+    class_names: Sequence[str] | None = None,
+    *,
+    allow_download: bool = False,
+    device: str | torch.device = "cpu",
 ) -> ImageClassifier | ZeroShotScorer:
-    """The CNN in folder ``spec``, or a zero-shot scorer over ``class_names`` from CLIP ``spec``.
+    """The CNN in folder ``spec``, or a zero-shot scorer over ``class_names`` from CLIP ``spec``
+    (its CLIP on ``device``; scores come back on the CPU).
 
     With the CNN, ``class_names`` (if given) must be its classes, in its order.
     """
@@ -95,4 +100,4 @@ def load_scorer(
             f"{spec} is not a classifier folder ({WEIGHTS}), so it is read as a CLIP for "
             "zero-shot scoring, which needs class_names"
         )
-    return ZeroShotScorer(load_clip(spec, allow_download=allow_download), class_names)
+    return ZeroShotScorer(load_clip(spec, allow_download=allow_download).to(device), class_names)

@@ -33,7 +33,6 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
-from common.models.classifier import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageClassifier
 from common.models.diffusion import DiffusionModel, capture_sites, sample
 from common.sae import SAE
 
@@ -242,13 +241,6 @@ class UnlearnEdit:
             out = out + (x - decode(self.sae, z))
         self.edited_fraction.append(float(mask.any(1).float().mean()))
         return out
-
-
-def classifier_features(clf: ImageClassifier, images: Tensor) -> Tensor:
-    """The classifier's penultimate (128-d, post-ReLU) features of images in [0, 1]."""
-    with torch.no_grad():
-        x = (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-        return clf.head[:-1](clf.features(x))
 
 
 def frechet_distance(a: Tensor, b: Tensor, eps: float = 1e-6) -> float:
