@@ -3,12 +3,16 @@ logits are exactly CLIP's own ``logits_per_image`` (checked against transformers
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from tiny_hub import save_tiny_clip
+from PIL import Image
+from tiny_hub import save_tiny_clip, save_tiny_sd
 
 from common.models.classifier import ClassifierConfig, ImageClassifier
 from common.models.clip_style import to_pixels
+from common.models.diffusion import main
 from common.models.scorers import ZeroShotScorer, load_scorer
 
 NAMES = ("cat", "dog", "tree")
@@ -62,3 +66,14 @@ def test_a_clip_scorer_needs_class_names(tiny_clip):
         load_scorer(tiny_clip)
     with pytest.raises(ValueError, match=">= 2 class names"):
         load_scorer(tiny_clip, ["cat"])
+
+
+def test_sample_cli_draws_and_scores_a_hub_pipeline(tiny_clip, tmp_path):
+    """`python -m common.models.diffusion sample` on a (tiny) SD pipeline, scored by CLIP."""
+    sd = save_tiny_sd(tmp_path)
+    main(["sample", "--model", str(sd), "--classifier", str(tiny_clip), "--class-names",
+          *NAMES, "--per-class", "2", "--steps", "1", "--out", str(tmp_path / "out")])  # fmt: skip
+    run = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]
+    assert set(run["per_class_accuracy"]) == set(NAMES) and 0 <= run["accuracy"] <= 1
+    grid = Image.open(tmp_path / "out" / "samples_1steps.png")
+    assert grid.mode == "RGB" and grid.size[1] == 3 * (16 * 3 + 1)  # one row per class
