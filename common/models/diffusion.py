@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, Transformer2DModel, UNet2DConditionModel
@@ -90,6 +90,7 @@ UNET_DIR, SCHEDULER_DIR, CHECKPOINT_FILE, MODEL_CARD = (
     "diffusion.json",
 )
 SITE_PREFIX = "unet."
+MACHINE_DEPENDENT = ("loss_curve", "wall_s", "cpu_s", "torch_threads", "steps_this_run")
 
 
 # --- text conditioning ---------------------------------------------------------------------------
@@ -97,6 +98,27 @@ def check_captions(captions: Sequence[str]) -> None:
     """Raise a TypeError unless ``captions`` is a list of strings (not one bare string)."""
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise TypeError(f"captions must be a list of strings, got {captions!r}")
+
+
+class TextConditioner(Protocol):
+    """What the U-Net is conditioned on, per caption: ``CaptionEncoder`` (MiniLM, the 16x16
+    model) or ``hub_diffusion.HubCaptionEncoder`` (a Stable Diffusion pipeline's CLIP encoders).
+
+    ``__call__`` gives the cross-attention input (N, T, d) and its mask (N, T);
+    ``added_conditioning`` the U-Net's extra inputs (SDXL's ``text_embeds``, ``time_ids``) or None.
+    """
+
+    max_tokens: int
+
+    @property
+    def revision(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def __call__(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]: ...
+
+    def added_conditioning(self, captions: Sequence[str]) -> dict[str, Tensor] | None: ...
 
 
 class CaptionEncoder:
@@ -226,7 +248,7 @@ class DiffusionModel:
 
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler
-    encoder: CaptionEncoder
+    encoder: TextConditioner
     class_names: tuple[str, ...]
     templates: tuple[str, ...] = CAPTION_TEMPLATES
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -560,7 +582,9 @@ def train_diffusion(
         metadata={
             "unet_config": asdict(unet_cfg),
             "train_config": asdict(cfg),
-            "train_metrics": {k: v for k, v in metrics.items() if k != "loss_curve"},
+            # Timings stay in the metrics file: the saved model is then the same bytes for the
+            # same weights, and DVC skips what depends on it when a rerun changes nothing.
+            "train_metrics": {k: v for k, v in metrics.items() if k not in MACHINE_DEPENDENT},
         },
     )
     if end == cfg.steps:

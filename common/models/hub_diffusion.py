@@ -233,7 +233,7 @@ def load_hub_diffusion(
     return DiffusionModel(
         unet=unet,
         scheduler=scheduler,
-        encoder=encoder,  # type: ignore[arg-type]
+        encoder=encoder,
         class_names=tuple(class_names),
         templates=tuple(templates),
         metadata={"source": str(spec), "pipeline": index.get("_class_name", "?"), "sdxl": sdxl},
