@@ -298,6 +298,7 @@ SCHEMA: dict[str, Any] = {
                 "'auto' or a non-empty list of U-Net sites (unet.<module path>)",
             ),
             "guidance_scale": (lambda v: _is_number(v) and v >= 1, "a number >= 1"),
+            "sample_batch_size": NONNEG_INT,
             "train_per_class": POS_INT,
             "n_templates": POS_INT,
             "eval_per_class": POS_INT,

@@ -201,6 +201,38 @@ def test_replace_hook_identity_and_edit(trained):
     assert torch.equal(unet_out, base)  # hooks removed on exit
 
 
+def test_hooks_know_each_rows_caption_across_batches(trained):
+    model = trained[0]
+    site = "unet.up_blocks.0.attentions.1"
+    captions = [model.caption(c) for c in CLASSES]  # 3 captions, sampled 2 per U-Net call
+    seen = []
+
+    def record(x, t, caption):
+        seen.append(caption)
+        return x
+
+    with capture_sites(model.unet, [site]) as cap:
+        with replace_site(model.unet, site, record, per_caption=True):
+            sample(model, captions, num_steps=1, batch_size=2)
+    positions = 16  # 4x4 at this block
+    # guided calls: [unconditional; conditional] rows, -1 marks the unconditional half
+    assert seen[0].tolist() == [-1] * 2 * positions + [0] * positions + [1] * positions
+    assert seen[1].tolist() == [-1] * positions + [2] * positions
+    torch.testing.assert_close(cap.captions(site), torch.cat(seen))
+    with capture_sites(model.unet, [site]) as cap:
+        sample(model, captions, num_steps=1, guidance_scale=1.0, batch_size=2)
+    assert cap.captions(site).tolist() == [c for c in range(3) for _ in range(positions)]
+    x = torch.zeros(1, 1, 4, 4)
+    cond = model.encoder([captions[0]])[0]
+    with pytest.raises(RuntimeError, match="only known while `sample`"):
+        with replace_site(model.unet, site, record, per_caption=True):
+            model.unet(x, 999, cond)
+    with capture_sites(model.unet, [site]) as cap:
+        model.unet(x, 999, cond)
+    with pytest.raises(RuntimeError, match="not made by `sample`"):
+        cap.captions(site)
+
+
 def test_save_load_round_trip(trained, encoder):
     model, _, out = trained
     loaded = load_diffusion(out, encoder=encoder)

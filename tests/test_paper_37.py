@@ -48,14 +48,9 @@ def test_class_means_specificity_and_top_features():
     assert maps.shape == (2, 2, 3) and torch.allclose(maps[1, 0], torch.tensor([0, 4.0, 1]))
 
 
-def test_caption_of_token_guided_and_unguided():
-    idx, cond = one_step.caption_of_token(12, 2, 3)  # 4 rows: uncond 0, 1; cond 0, 1
-    assert idx.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
-    assert cond.tolist() == [False] * 6 + [True] * 6
-    idx, cond = one_step.caption_of_token(6, 2, 3)  # no guidance: every row conditional
-    assert idx.tolist() == [0, 0, 0, 1, 1, 1] and bool(cond.all())
-    with pytest.raises(ValueError):
-        one_step.caption_of_token(9, 2, 3)
+def _guided_captions(n, positions):
+    """Caption index of every token of a guided call: n unconditional rows (-1), then 0..n-1."""
+    return torch.cat([torch.full((n,), -1), torch.arange(n)]).repeat_interleave(positions)
 
 
 def _sae(d=4, s=8, k=2):
@@ -69,21 +64,21 @@ def _sae(d=4, s=8, k=2):
 def test_make_edit_identity_ablation_and_cond_only():
     sae, n, positions = _sae(), 2, 3
     delta = torch.randn(2 * n * positions, 4)
-    t = torch.zeros(len(delta))
+    t, caps = torch.zeros(len(delta)), _guided_captions(n, positions)
     none = torch.zeros(n, 8, dtype=torch.bool)
-    assert torch.equal(one_step.make_edit(sae, n, positions, ablate=none)(delta, t), delta)
+    assert torch.equal(one_step.make_edit(sae, positions, ablate=none)(delta, t, caps), delta)
     everything = torch.ones(n, 8, dtype=torch.bool)
-    out = one_step.make_edit(sae, n, positions, ablate=everything, cond_only=False)(delta, t)
+    out = one_step.make_edit(sae, positions, ablate=everything, cond_only=False)(delta, t, caps)
     _, x_hat = one_step.sae_codes(sae, delta)
     # removing every active latent leaves delta - (x_hat - b_dec) in raw units
     assert torch.allclose(out, delta - (x_hat - sae.b_dec / 2.0), atol=1e-5)
-    out = one_step.make_edit(sae, n, positions, ablate=everything)(delta, t)
+    out = one_step.make_edit(sae, positions, ablate=everything)(delta, t, caps)
     half = n * positions
     assert torch.equal(out[:half], delta[:half])  # unconditional rows untouched
     assert torch.allclose(out[half:], delta[half:] - (x_hat[half:] - sae.b_dec / 2.0), atol=1e-5)
     # random-direction control removes the same norm
     rand = one_step.random_unit(n, 4, 0)
-    ctrl = one_step.make_edit(sae, n, positions, ablate=everything, random_ablate=rand)(delta, t)
+    ctrl = one_step.make_edit(sae, positions, ablate=everything, random_ablate=rand)(delta, t, caps)
     removed = (delta - out).norm(dim=1)
     assert torch.allclose((delta - ctrl).norm(dim=1), removed, atol=1e-5)
 
@@ -91,13 +86,18 @@ def test_make_edit_identity_ablation_and_cond_only():
 def test_make_edit_adds_per_caption_and_per_position():
     sae, n, positions = _sae(), 2, 3
     delta = torch.zeros(2 * n * positions, 4)
+    t, caps = torch.zeros(len(delta)), _guided_captions(n, positions)
     add = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0]])
-    out = one_step.make_edit(sae, n, positions, add=add)(delta, torch.zeros(len(delta)))
+    out = one_step.make_edit(sae, positions, add=add)(delta, t, caps)
     assert out[:6].abs().sum() == 0
     assert torch.equal(out[6:9], add[0].expand(3, 4)) and torch.equal(out[9:], add[1].expand(3, 4))
     per_pos = torch.arange(n * positions * 4, dtype=torch.float).view(n, positions, 4)
-    out = one_step.make_edit(sae, n, positions, add=per_pos)(delta, torch.zeros(len(delta)))
+    out = one_step.make_edit(sae, positions, add=per_pos)(delta, t, caps)
     assert torch.equal(out[6:], per_pos.reshape(-1, 4))
+    # without guidance every row is conditional: captions 0, 1 with no -1 rows
+    caps = torch.arange(n).repeat_interleave(positions)
+    out = one_step.make_edit(sae, positions, add=add)(delta[:6], t[:6], caps)
+    assert torch.equal(out[:3], add[0].expand(3, 4)) and torch.equal(out[3:], add[1].expand(3, 4))
 
 
 def test_unit_directions_and_reconstruction_edit():

@@ -63,6 +63,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -618,9 +619,11 @@ def sample(
     model better when there are many steps. All noise comes from ``seed``.
     ``guidance_scale`` w > 1 runs the U-Net on [unconditional; conditional] rows in one batch
     (rows 0..n-1 use "", rows n..2n-1 the captions: see ``capture_sites``); w = 1 runs the
-    conditional rows only. All noise is drawn up front, so results do not depend on
-    ``batch_size``. ``callback(step_index, t, x_t)`` is called after
-    each step of each batch; hooks from ``capture_sites`` / ``replace_site`` see every U-Net call.
+    conditional rows only. Hooks learn which caption each row draws (``UNetCapture.captions``,
+    ``replace_site(per_caption=True)``), so edits and captures need no particular batching.
+    All noise is drawn up front, so results do not depend on ``batch_size`` (up to float
+    rounding). ``callback(step_index, t, x_t)`` is called after each step of each batch; hooks
+    from ``capture_sites`` / ``replace_site`` see every U-Net call.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -660,11 +663,15 @@ def sample(
             added = {key: rows(extra_all[key], extra_null[key], lo, n) for key in extra_all}
         scheduler = ddim_scheduler(model)
         scheduler.set_timesteps(num_steps)
+        caption_of_row = torch.arange(lo, lo + n)
+        if use_cfg:
+            caption_of_row = torch.cat([torch.full((n,), -1), caption_of_row])
         for i, t in enumerate(scheduler.timesteps):
             x_in = torch.cat([x, x]) if use_cfg else x
-            eps = unet(
-                x_in, t, cond, encoder_attention_mask=cond_mask, added_cond_kwargs=added
-            ).sample
+            with _captions_of_rows(caption_of_row):
+                eps = unet(
+                    x_in, t, cond, encoder_attention_mask=cond_mask, added_cond_kwargs=added
+                ).sample
             if use_cfg:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)
@@ -702,6 +709,31 @@ def class_captions(model: DiffusionModel, per_class: int, template: int = 0) -> 
 
 
 # --- hook sites -----------------------------------------------------------------------------------
+# Index (into ``sample``'s captions) of the caption each row of the U-Net call in progress draws,
+# -1 for the unconditional rows of guidance; None outside ``sample``.
+_CALL_CAPTIONS: ContextVar[Tensor | None] = ContextVar("call_captions", default=None)
+
+
+@contextmanager
+def _captions_of_rows(caption_of_row: Tensor) -> Iterator[None]:
+    token = _CALL_CAPTIONS.set(caption_of_row)
+    try:
+        yield
+    finally:
+        _CALL_CAPTIONS.reset(token)
+
+
+def _token_captions(site: str, batch: int, positions: int) -> Tensor:
+    """(batch * positions,) caption index of every token of the U-Net call in progress."""
+    caption_of_row = _CALL_CAPTIONS.get()
+    if caption_of_row is None or len(caption_of_row) != batch:
+        raise RuntimeError(
+            f"{site}: captions of the rows are only known while `sample` calls the U-Net; call "
+            "`sample` inside the `with` block (or do not ask for captions)"
+        )
+    return caption_of_row.repeat_interleave(positions)
+
+
 _GROUP_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 
@@ -778,6 +810,7 @@ class SiteRecord:
     chunks: list[Tensor] = field(default_factory=list)  # (B*H*W, C) per call
     timesteps: list[Tensor] = field(default_factory=list)  # (B*H*W,)
     rows: list[Tensor] = field(default_factory=list)  # (B*H*W,) batch row within the call
+    captions: list[Tensor | None] = field(default_factory=list)  # (B*H*W,) caption index, or None
     calls: list[int] = field(default_factory=list)
     shape: tuple[int, int, int] | None = None  # (C, H, W)
 
@@ -789,7 +822,9 @@ class UNetCapture:
     row-major, as ``tokens_from`` makes it. Per site:
     ``tokens`` (N, C), ``timesteps`` (N,) the diffusion timestep of each token, ``rows`` (N,)
     the batch row within its U-Net call (during guided sampling rows < n are the unconditional
-    half), ``calls`` (N,) the index of the U-Net call (the denoising step when sampling one batch).
+    half), ``captions`` (N,) the index of the caption (of ``sample``) each token's row draws, -1
+    for the unconditional rows, ``calls`` (N,) the index of the U-Net call (the denoising step
+    when sampling one batch).
     ``keep(site, t)`` (optional) filters whole calls by timestep, to save memory.
     """
 
@@ -835,6 +870,8 @@ class UNetCapture:
             rec.chunks.append(tokens_from(v, "spatial").reshape(-1, c).cpu())
             rec.timesteps.append(t)
             rec.rows.append(torch.arange(b).repeat_interleave(hh * ww))
+            known = _CALL_CAPTIONS.get() is not None
+            rec.captions.append(_token_captions(site, b, hh * ww) if known else None)
             rec.calls.append(self._tracker.calls)
             rec.shape = (c, hh, ww)
 
@@ -856,6 +893,12 @@ class UNetCapture:
 
     def rows(self, site: str) -> Tensor:
         return torch.cat(self._record(site).rows)
+
+    def captions(self, site: str) -> Tensor:
+        rec = self._record(site)
+        if any(c is None for c in rec.captions):
+            raise RuntimeError(f"{site}: some U-Net calls were not made by `sample`")
+        return torch.cat(rec.captions)  # type: ignore[arg-type]
 
     def calls(self, site: str) -> Tensor:
         rec = self._record(site)
@@ -879,6 +922,7 @@ def replace_site(
     fn: Callable[[Tensor, Tensor], Tensor],
     value: str = "update",
     fn_device: str | torch.device | None = "cpu",
+    per_caption: bool = False,
 ) -> Iterator[None]:
     """Inside ``with``, the block at ``site`` outputs h + fn(delta, t) instead of h + delta.
 
@@ -888,6 +932,8 @@ def replace_site(
     With ``value="output"`` fn gets and replaces the block output y itself: y -> fn(y, t).
     ``fn`` runs on ``fn_device`` in float32 (the CPU by default, where SAEs trained on captured
     tokens live; None: the U-Net's device and dtype), its result goes back to the U-Net's.
+    ``per_caption``: fn(delta, t, captions) also gets the caption index (into ``sample``'s
+    captions) of each token, -1 on the unconditional rows of guidance, to edit per caption.
     """
     _check_value(value)
     module = resolve_unet_site(unet, site)
@@ -898,10 +944,12 @@ def replace_site(
         b, c, hh, ww = y.shape
         delta = tokens_from(y - h if value == "update" else y, "spatial").reshape(-1, c)
         t = tracker.per_token(b, hh * ww)
+        extra = (_token_captions(site, b, hh * ww),) if per_caption else ()
         if fn_device is None:
-            new = fn(delta, t.to(delta.device))
+            new = fn(delta, t.to(delta.device), *(e.to(delta.device) for e in extra))
         else:
-            new = fn(delta.to(fn_device, torch.float32), t.to(fn_device))
+            x = delta.to(fn_device, torch.float32)
+            new = fn(x, t.to(fn_device), *(e.to(fn_device) for e in extra))
         if not isinstance(new, Tensor) or new.shape != delta.shape:
             raise ValueError(
                 f"replacement at {site} must return a tensor of shape {tuple(delta.shape)} "

@@ -101,24 +101,6 @@ def typical_activation(z: Tensor) -> Tensor:
 
 
 # --- edits of the residual update ---------------------------------------------------------------
-def caption_of_token(n_tokens: int, n_captions: int, positions: int) -> tuple[Tensor, Tensor]:
-    """Caption index and "conditional row" flag of every token of one U-Net call of ``sample``.
-
-    Tokens come row-major (row, y, x) with ``positions`` = H*W tokens per row; with guidance the
-    call has 2n rows ([unconditional; conditional]), without it n (all conditional); row r belongs
-    to caption r mod n. All captions must be in one U-Net call (``sample(..., batch_size >= n)``).
-    """
-    rows, rest = divmod(n_tokens, positions)
-    if rest or rows not in (n_captions, 2 * n_captions):
-        raise ValueError(
-            f"{n_tokens} tokens are not {n_captions} or {2 * n_captions} rows of {positions} "
-            "positions: sample all captions in one batch (batch_size >= number of captions)"
-        )
-    row = torch.arange(n_tokens) // positions
-    cond = row >= rows - n_captions
-    return row % n_captions, cond
-
-
 def unit_directions(sae: SAE) -> Tensor:
     """Decoder rows d_s in raw activation units, (S, d): W_dec / input_scale (unit W_dec rows)."""
     return sae.W_dec.detach() / sae.cfg.input_scale
@@ -133,28 +115,29 @@ def random_unit(n: int, d: int, seed: int) -> Tensor:
 
 def make_edit(
     sae: SAE,
-    n_captions: int,
     positions: int,
     ablate: Tensor | None = None,
     add: Tensor | None = None,
     random_ablate: Tensor | None = None,
     cond_only: bool = True,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """A ``replace_site`` function that edits each caption's tokens (SAE error term kept).
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """A ``replace_site(..., per_caption=True)`` function that edits each caption's tokens (SAE
+    error term kept); it gets the caption index of every token (-1 on unconditional rows).
 
     ``ablate`` (n_captions, S) bool: latents to turn off for that caption's tokens,
     delta' = delta - sum_{s in S_i} z_s d_s. ``random_ablate`` (n_captions, d) unit vectors: the
     control, delta' = delta - ||sum_{s in S_i} z_s d_s|| r_i (the same norm removed along a random
     direction). ``add`` (n_captions, d): a vector added at every position of caption i's tokens
-    (steering, alpha a_s d_s, or its random control); (n_captions, H*W, d): one per position.
+    (steering, alpha a_s d_s, or its random control); (n_captions, H*W, d): one per position
+    (tokens come row-major, ``positions`` = H*W per row).
     ``cond_only``: edit only the conditional rows of a guided call (the pass that reads the
     prompt; SDXL Turbo runs without guidance, so all its passes are conditional); the
     unconditional rows are left as they are.
     """
     dirs = unit_directions(sae)
 
-    def fn(delta: Tensor, _t: Tensor) -> Tensor:
-        idx, cond = caption_of_token(len(delta), n_captions, positions)
+    def fn(delta: Tensor, _t: Tensor, captions: Tensor) -> Tensor:
+        idx, cond = captions.clamp_min(0), captions >= 0
         change = torch.zeros_like(delta)
         if ablate is not None:
             z, _ = sae_codes(sae, delta)
@@ -176,11 +159,12 @@ def make_edit(
 
 
 def reconstruction_edit(sae: SAE | None, mean: Tensor | None = None) -> Callable:
-    """``replace_site`` function: delta -> SAE reconstruction (or -> ``mean`` when sae is None)."""
+    """``replace_site`` function: delta -> SAE reconstruction (or -> ``mean`` when sae is None),
+    the same for every caption (it accepts and ignores ``per_caption``'s caption indices)."""
     if sae is None and mean is None:
         raise ValueError("give an SAE (reconstruction) or a mean vector (mean ablation)")
 
-    def fn(delta: Tensor, _t: Tensor) -> Tensor:
+    def fn(delta: Tensor, _t: Tensor, _captions: Tensor | None = None) -> Tensor:
         if sae is None:
             return mean.expand_as(delta).clone()
         return sae_codes(sae, delta)[1]
