@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_hub import save_tiny_clip
 
 from common.data.images import load_digits, load_fashion_mnist
 from common.models import load_model, resolve_site, tokens_from
@@ -238,27 +239,11 @@ def test_cli_writes_model_and_metrics(trained, tmp_path):
         main(["train", "--out", str(tmp_path / "x"), "--datasets", "cifar10"])
 
 
-def test_hub_clip_adapter_has_the_same_api(tmp_path, text_tower):
+def test_hub_clip_adapter_has_the_same_api(tmp_path):
     """A tiny random transformers CLIPModel on disk stands in for a hub CLIP (GPU/hub profile)."""
-    import transformers as T
-
     from common.models.clip_style import HubCLIP, load_clip
 
-    text = T.CLIPTextConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=101, eos_token_id=102,
-        pad_token_id=0,
-    )  # fmt: skip
-    vision = T.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
-    config = T.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
-    config.projection_dim = 24
-    torch.manual_seed(0)
-    T.CLIPModel(config).save_pretrained(tmp_path)
-    text_tower.loaded.tokenizer.save_pretrained(tmp_path)  # a BERT WordPiece tokenizer
-
+    save_tiny_clip(tmp_path)
     clip = load_clip(tmp_path)
     assert isinstance(clip, HubCLIP)
     images = load_fashion_mnist("test").images[:3]

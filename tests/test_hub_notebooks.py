@@ -55,8 +55,8 @@ def test_one_step_notebook_on_an_sdxl_pipeline_without_guidance(hub, tmp_path):
     metrics, figures = run_notebook(
         "papers/37_one_step/one_step.ipynb", tmp_path,
         f"diffusion={hub['sdxl']}", f"scorer={hub['clip']}", CLASSES, "guidance_scale=1.0",
-        "sample_batch_size=3", "train_per_class=2", "n_templates=1", "eval_per_class=2", "four_step_per_class=2",
-        "k=2", "expansion=2", "steps=20", "batch_size=64", "n_features=2",
+        "sample_batch_size=3", "train_per_class=2", "n_templates=1", "eval_per_class=2",
+        "four_step_per_class=2", "k=2", "expansion=2", "steps=20", "batch_size=64", "n_features=2",
         "sources_per_target=1", "steer_images=1", "grid_columns=3",
     )  # fmt: skip
     config = metrics["config"]
