@@ -8,8 +8,9 @@ and mappings. This runner reads the named sections of ``params.yaml`` and hands 
 
 A mapping section contributes each of its keys as a parameter; any other value is passed under its
 last key (``papers.seeds`` -> ``seeds``). ``--set name=value`` adds literal parameters, the value
-read as YAML (``128`` an int, ``[a, b]`` a list, ``data/x`` a string), for paths and for values
-shared with other stages (``site=${lm.site}``).
+read as YAML (``128`` an int, ``1e-3`` a float, ``[a, b]`` a list, ``data/x`` a string), for paths
+and for values shared with other stages (``site=${lm.site}``). Both are read with
+``common.params.load_yaml``, the one loader of params.yaml (YAML 1.2 floats such as ``1e-3``).
 Every name must exist in the notebook's ``parameters`` cell, so a typo fails before the kernel
 starts, naming the notebook and its valid parameters.
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from common.params import load_yaml
 
 
 class NotebookParamsError(ValueError):
@@ -58,7 +61,7 @@ def collect_parameters(
         if not sep or not name:
             raise NotebookParamsError(f"--set expects name=value, got {literal!r}")
         try:
-            out[name] = yaml.safe_load(value) if value else value
+            out[name] = load_yaml(value) if value else value
         except yaml.YAMLError as err:
             raise NotebookParamsError(f"--set {literal!r}: the value is not valid YAML") from err
     return out
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], dest="literals", help="name=value")
     args = parser.parse_args(argv)
     try:
-        params = yaml.safe_load(Path(args.params_file).read_text())
+        params = load_yaml(Path(args.params_file).read_text())
         parameters = collect_parameters(params, args.params, args.literals)
         run_notebook(args.notebook, args.output, parameters)
     except NotebookParamsError as err:

@@ -147,13 +147,21 @@ class TokenStore:
         self.start = 0
 
 
-@pytest.fixture(scope="module", params=["relu", "topk"])
+@pytest.fixture(scope="module", params=["relu", "topk", "topk_normalized"])
 def saes(request, models, ids, saelens, tmp_path_factory) -> tuple[SAE, Any]:
-    """(our SAE, the same SAE exported and loaded by SAELens)."""
+    """(our SAE, the same SAE exported and loaded by SAELens). ``_normalized``: trained on c x with
+    input_scale c, E||c x|| = sqrt(d), as the pipeline trains every LM SAE; the export folds c into
+    the weights, so SAELens is fed the raw activations."""
     hf, _ = models
     x = site_activations(hf, SITE, ids)[ids != BOS]
-    kwargs = {"k": 6} if request.param == "topk" else {"l1_coefficient": 3e-3}
-    ours = _trained_sae(request.param, x, **kwargs)
+    arch = request.param.removesuffix("_normalized")
+    kwargs: dict[str, Any] = {"k": 6} if arch == "topk" else {"l1_coefficient": 3e-3}
+    if request.param.endswith("_normalized"):
+        scale = D**0.5 / x.norm(dim=1).mean().item()
+        assert abs(scale - 1) > 0.1  # a scale that matters
+        kwargs["input_scale"] = scale
+        x = x * scale
+    ours = _trained_sae(arch, x, **kwargs)
     folder = export_saelens(ours, tmp_path_factory.mktemp(request.param), hook_name=HOOK)
     theirs = saelens.SAE.load_from_disk(str(Path(folder)))
     return ours, theirs

@@ -17,6 +17,7 @@ from common.sae.base import SAE
 from common.sae.registry import build_sae
 from common.sae.saelens_io import (
     EXPORTS,
+    INPUT_SCALE_KEY,
     OUR_CONFIG_KEY,
     SAELENS_CONFIG_FILE,
     SAELENS_WEIGHTS_FILE,
@@ -35,7 +36,10 @@ CASES = {
     "topk": ("topk", {"k": K}),
     "jumprelu": ("jumprelu", {"bandwidth": 0.01}),
     "batchtopk": ("batchtopk", {"k": K}),
+    "matryoshka": ("matryoshka", {"k": K}),
 }
+# Our architectures exported as the JumpReLU of their inference rule (one scalar threshold).
+THRESHOLD_RULES = ("batchtopk", "matryoshka")
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +56,15 @@ def _randomize(sae: SAE, seed: int = 0) -> SAE:
         if hasattr(sae, "log_threshold"):
             theta = 0.1 + 0.7 * torch.rand(sae.cfg.d_sae, generator=g)
             sae.log_threshold.copy_(theta.log())
-        if sae.name == "batchtopk":
+        if sae.name in THRESHOLD_RULES:
             sae.threshold.fill_(0.3)
     return sae.eval()
 
 
-def _build(case: str) -> SAE:
+def _build(case: str, input_scale: float = 1.0) -> SAE:
     arch, kwargs = CASES[case]
-    return _randomize(build_sae(arch, d_in=D_IN, d_sae=D_SAE, **kwargs))
+    sae = build_sae(arch, d_in=D_IN, d_sae=D_SAE, input_scale=input_scale, **kwargs)
+    return _randomize(sae)
 
 
 def _inputs(seed: int = 1, n: int = 64) -> torch.Tensor:
@@ -120,7 +125,7 @@ def test_round_trip_preserves_state_and_encodings(case: str, tmp_path: Path) -> 
     if case == "relu_tied":  # comes back untied, with W_dec = W_enc^T
         assert back.name == "relu" and not back.cfg.tied
         torch.testing.assert_close(state_back.pop("W_dec"), state["W_enc"].t())
-    if case == "batchtopk":  # comes back as the JumpReLU of its inference rule
+    if case in THRESHOLD_RULES:  # comes back as the JumpReLU of its inference rule
         assert back.name == "jumprelu"
         torch.testing.assert_close(back.threshold, torch.full((D_SAE,), 0.3), atol=1e-6, rtol=0)
         state = {k: v for k, v in state.items() if not k.startswith("threshold")}
@@ -131,6 +136,128 @@ def test_round_trip_preserves_state_and_encodings(case: str, tmp_path: Path) -> 
     assert set(state_back) == set(state)
     for name, tensor in state.items():
         torch.testing.assert_close(state_back[name], tensor, atol=1e-6, rtol=1e-6)
+
+
+# --- the input scale (normalize_activations: true) ------------------------------------------
+SCALE = 0.3  # the SAE works on c x with c = 0.3, as after "normalize_activations"
+# Raw activations of size ~5-15: float32 rounding of the folded weights is ~1e-6 relative.
+SCALED_TOL = {"atol": 1e-4, "rtol": 1e-5}
+
+
+def _offset_inputs(seed: int = 11, n: int = 256) -> torch.Tensor:
+    """Raw activations with an offset, as residual streams have: x = 5 + 3 eps."""
+    g = torch.Generator().manual_seed(seed)
+    return 5 + 3 * torch.randn(n, D_IN, generator=g)
+
+
+def _build_scaled(case: str) -> SAE:
+    """``case`` with input_scale c and b_dec near the mean of c x (as after training)."""
+    sae = _build(case, input_scale=SCALE)
+    with torch.no_grad():
+        sae.b_dec.add_(SCALE * 5.0)
+    return sae
+
+
+@torch.no_grad()
+def _raw(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, x_hat) of raw activations x: z = encode(c x), x_hat = decode(z) / c."""
+    z = sae.encode(sae.scale_in(x))
+    return z, sae.scale_out(sae.decode(z))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_saelens_reproduces_scaled_sae_on_raw_offset_data(
+    case: str, tmp_path: Path, saelens: Any
+) -> None:
+    """SAELens's encode/decode of the export, on raw x, give our codes and reconstruction."""
+    ours = _build_scaled(case)
+    theirs = saelens.SAE.load_from_disk(export_saelens(ours, tmp_path / case))
+    assert theirs.cfg.normalize_activations == "none"
+    x = _offset_inputs()
+    z_ours, x_hat_ours = _raw(ours, x)
+    assert 0 < (z_ours > 0).float().mean() < 1  # a non-trivial code
+    with torch.no_grad():
+        z_theirs = theirs.encode(x)
+        assert torch.equal(z_theirs > 0, z_ours > 0)
+        torch.testing.assert_close(z_theirs, z_ours, **SCALED_TOL)
+        torch.testing.assert_close(theirs.decode(z_theirs), x_hat_ours, **SCALED_TOL)
+        torch.testing.assert_close(theirs(x), x_hat_ours, **SCALED_TOL)
+
+
+def test_export_folds_input_scale_into_weights(tmp_path: Path, saelens: Any) -> None:
+    """W_enc' = c W_enc, b_dec' = b_dec / c, W_dec' = W_dec / c (rows of norm 1/c for a unit-norm
+    decoder), the rest as is; TopK selects on plain pre-activations (SAELens's default too)."""
+    from sae_lens.saes.topk_sae import TopKSAEConfig
+
+    ours = build_sae("topk", d_in=D_IN, d_sae=D_SAE, k=K, input_scale=SCALE)
+    path = export_saelens(ours, tmp_path)
+    w = load_file(str(path / SAELENS_WEIGHTS_FILE))
+    cfg = json.loads((path / SAELENS_CONFIG_FILE).read_text())
+    assert cfg["normalize_activations"] == "none" and cfg["metadata"][INPUT_SCALE_KEY] == SCALE
+    assert cfg["rescale_acts_by_decoder_norm"] is False
+    assert TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K).rescale_acts_by_decoder_norm is False
+    with torch.no_grad():
+        torch.testing.assert_close(w["W_enc"], ours.W_enc * SCALE)
+        torch.testing.assert_close(w["W_dec"], ours.W_dec / SCALE)
+        torch.testing.assert_close(w["b_dec"], ours.b_dec / SCALE)
+        torch.testing.assert_close(w["b_enc"], ours.b_enc)
+        torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.full((D_SAE,), 1 / SCALE))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_of_scaled_sae_restores_it(case: str, tmp_path: Path) -> None:
+    """Import unfolds the scale: input_scale c, the original weights, the same raw x -> x_hat."""
+    ours = _build_scaled(case)
+    back = import_saelens(export_saelens(ours, tmp_path / case))
+    assert back.cfg.input_scale == SCALE
+    x = _offset_inputs()
+    (z_ours, x_hat_ours), (z_back, x_hat_back) = _raw(ours, x), _raw(back, x)
+    assert torch.equal(z_back > 0, z_ours > 0)
+    torch.testing.assert_close(z_back, z_ours, **SCALED_TOL)
+    torch.testing.assert_close(x_hat_back, x_hat_ours, **SCALED_TOL)
+    for name in ("W_enc", "b_dec", "decoder_directions"):
+        torch.testing.assert_close(getattr(back, name), getattr(ours, name), atol=1e-6, rtol=1e-6)
+
+
+def test_import_after_saelens_folds_stays_exact(tmp_path: Path, saelens: Any) -> None:
+    """A scaled export edited in SAELens (TopK selecting on decoder-norm-scaled activations, b_dec
+    not subtracted from the input): the SAELens folds come before the unfold of c, so the import
+    still encodes and decodes raw x like SAELens."""
+    theirs = saelens.SAE.load_from_disk(export_saelens(_build_scaled("topk"), tmp_path / "ours"))
+    theirs.cfg.rescale_acts_by_decoder_norm = True
+    theirs.cfg.apply_b_dec_to_input = False
+    theirs.save_model(tmp_path / "edited")
+    back = import_saelens(tmp_path / "edited")
+    assert back.cfg.input_scale == SCALE
+    x = _offset_inputs()
+    z_back, x_hat_back = _raw(back, x)
+    with torch.no_grad():
+        z_theirs = theirs.encode(x)
+        assert 0 < (z_theirs > 0).float().mean() < 1
+        torch.testing.assert_close(z_back, z_theirs, **SCALED_TOL)
+        torch.testing.assert_close(x_hat_back, theirs(x), **SCALED_TOL)
+
+
+def test_import_of_export_without_folded_scale(tmp_path: Path) -> None:
+    """A folder exported before the fold (weights in the SAE's units, input_scale only in our
+    stored config) is read with that input_scale and a warning; a bad recorded scale is refused."""
+    ours = _build_scaled("jumprelu")
+    unscaled = build_sae("jumprelu", d_in=D_IN, d_sae=D_SAE, **CASES["jumprelu"][1])
+    unscaled.load_state_dict(ours.state_dict())
+    path = export_saelens(unscaled, tmp_path)
+    cfg = json.loads((path / SAELENS_CONFIG_FILE).read_text())
+    del cfg["metadata"][INPUT_SCALE_KEY]
+    cfg["metadata"][OUR_CONFIG_KEY]["input_scale"] = SCALE  # what the old exporter wrote
+    (path / SAELENS_CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="before export_saelens folded the input scale"):
+        back = import_saelens(path)
+    assert back.cfg.input_scale == SCALE
+    x = _offset_inputs()
+    torch.testing.assert_close(_raw(back, x)[1], _raw(ours, x)[1], **SCALED_TOL)
+    cfg["metadata"][INPUT_SCALE_KEY] = 0.0
+    (path / SAELENS_CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"{INPUT_SCALE_KEY} must be a finite number > 0, got 0.0"):
+        import_saelens(path)
 
 
 def _saelens_native(saelens: Any, arch: str) -> Any:
@@ -248,12 +375,18 @@ def test_export_rejects_bad_metadata_and_untrained_batchtopk(tmp_path: Path) -> 
     sae = _build("relu")
     with pytest.raises(ValueError, match="hook_name"):
         export_saelens(sae, tmp_path, extra_metadata={"hook_name": "x"})
+    with pytest.raises(ValueError, match=INPUT_SCALE_KEY):
+        export_saelens(sae, tmp_path, extra_metadata={INPUT_SCALE_KEY: 2.0})
     with pytest.raises(ValueError, match="JSON"):
         export_saelens(sae, tmp_path, extra_metadata={"obj": object()})
     untrained = _build("batchtopk")
     untrained.threshold.fill_(-1.0)
     with pytest.raises(ValueError, match="threshold"):
         export_saelens(untrained, tmp_path / "btk")
+    untrained = _build("matryoshka")
+    untrained.threshold.fill_(-1.0)  # "not estimated yet": eval mode falls back to BatchTopK
+    with pytest.raises(ValueError, match=r"matryoshka SAE with inference threshold -1\.0"):
+        export_saelens(untrained, tmp_path / "matryoshka")
 
 
 def test_export_records_our_config(tmp_path: Path) -> None:

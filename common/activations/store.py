@@ -3,7 +3,7 @@
 Layout of a store folder::
 
     manifest.json        metadata (model, revision, site, dataset, ...), d, dtype, shard list
-                         (file, n_tokens, sha256), n_tokens, complete
+                         (file, n_tokens, sha256), n_tokens, complete, manifest_sha256
     shard_00000.bin      raw little-endian rows, (n_tokens, d), memory-mappable with numpy
     shard_00001.bin      ...
 
@@ -14,7 +14,10 @@ Writing (``ActivationStoreWriter``) is resumable: the manifest is rewritten atom
 shard, so an interrupted extraction leaves a valid prefix of checksummed shards, and re-opening the
 writer reports ``tokens_written`` so the extractor skips that many tokens.
 
-Reading (``ActivationStore``) checks file sizes at open and checksums on ``verify()``.
+Reading (``ActivationStore``) checks the manifest's consistency and the file sizes at open, and
+each shard's sha256 the first time the process reads it (``verify()`` re-checks every shard).
+``manifest_sha256`` (absent from older manifests, which still open) is a checksum of the manifest
+itself, so that an edit which keeps the sizes consistent (d halved, n_tokens doubled) is caught.
 ``batches()`` streams shuffled fp32 batches with bounded memory; batch ``t`` is a pure function of
 ``(seed, t)`` so that training resumes exactly (the ``BatchSource`` protocol of ``common.train``).
 """
@@ -25,9 +28,10 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Self
 
 import numpy as np
@@ -38,6 +42,16 @@ MANIFEST = "manifest.json"
 FORMAT = "sae-activation-store"
 VERSION = 1
 _SHARD_RE = re.compile(r"^shard_\d{5,}\.bin(\.tmp)?$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MANIFEST_DIGEST = "manifest_sha256"
+_REQUIRED = ("d", "dtype", "shard_tokens", "shards", "n_tokens", "complete", "metadata")
+_MANIFEST_FIX = "Delete the store folder and re-run the extraction to write it again."
+
+# Shards whose checksum this process has verified: (st_dev, st_ino, size, mtime_ns, ctime_ns, sha).
+# A file changed within _RACY_NS of its hashing is not remembered (its timestamp could equal the
+# next change's), so it is hashed again at its next read.
+_VERIFIED: set[tuple[int, int, int, int, int, str]] = set()
+_RACY_NS = 2_000_000_000
 
 # storage dtype name -> (numpy dtype on disk, torch dtype it represents)
 STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -48,7 +62,7 @@ STORAGE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 
 
 class CorruptStoreError(ValueError):
-    """A shard is missing, truncated or does not match its checksum."""
+    """A shard is missing, truncated or fails its checksum, or the manifest is inconsistent."""
 
 
 def _check_dtype(dtype: str) -> tuple[np.dtype, torch.dtype]:
@@ -124,14 +138,35 @@ def _normalise_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         ) from err
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The sha256 of the manifest's canonical JSON, without its own ``manifest_sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
+    """Load ``root/manifest.json`` and check its consistency (``_check_manifest``)."""
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"{root} is not an activation store (no {MANIFEST}); run extraction first "
             "(common.activations.extract) or point to the folder it wrote."
         )
-    manifest = json.loads(path.read_text())
+    text = path.read_text()
+    if not text.strip():
+        raise CorruptStoreError(f"{path}: the manifest is empty. {_MANIFEST_FIX}")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CorruptStoreError(
+            f"{path}: the manifest is not valid JSON ({err}). {_MANIFEST_FIX}"
+        ) from err
+    if not isinstance(manifest, dict):
+        raise CorruptStoreError(
+            f"{path}: the manifest must be a JSON object, found {type(manifest).__name__}. "
+            f"{_MANIFEST_FIX}"
+        )
     if manifest.get("format") != FORMAT:
         raise ValueError(
             f"{path}: not an activation-store manifest (format={manifest.get('format')!r})"
@@ -140,7 +175,74 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: store version {manifest.get('version')}, this code reads version {VERSION}"
         )
+    _check_manifest(path, manifest)
     return manifest
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """Raise ``CorruptStoreError`` unless the manifest's fields agree with each other and, when
+    it has one (stores written before it do not), with its ``manifest_sha256``."""
+
+    def bad(problem: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{path}: {problem}. {_MANIFEST_FIX}")
+
+    for key in _REQUIRED:
+        if key not in m:
+            raise bad(f"missing key {key!r} in {MANIFEST}")
+    for key, minimum in (("d", 1), ("shard_tokens", 1), ("n_tokens", 0)):
+        if not _is_int(m[key], minimum):
+            raise bad(f"{key!r} must be an integer >= {minimum}, found {m[key]!r}")
+    if m["dtype"] not in STORAGE_DTYPES:
+        raise bad(f"unsupported dtype {m['dtype']!r}; a store holds {sorted(STORAGE_DTYPES)}")
+    if not isinstance(m["complete"], bool):
+        raise bad(f"'complete' must be true or false, found {m['complete']!r}")
+    if not isinstance(m["metadata"], dict):
+        raise bad(f"'metadata' must be an object, found {m['metadata']!r}")
+    if not isinstance(m["shards"], list):
+        raise bad(f"'shards' must be a list, found {type(m['shards']).__name__}")
+    seen: set[str] = set()
+    n_shards = len(m["shards"])
+    for i, shard in enumerate(m["shards"]):
+        if problem := _shard_entry_problem(shard, m["shard_tokens"], last=i == n_shards - 1):
+            raise bad(f"shard entry {i}: {problem}")
+        if shard["file"] in seen:
+            raise bad(f"shard entry {i}: file {shard['file']!r} is listed twice")
+        seen.add(shard["file"])
+    total = sum(s["n_tokens"] for s in m["shards"])
+    if total != m["n_tokens"]:
+        raise bad(f"the shards hold {total} tokens in all but n_tokens says {m['n_tokens']}")
+    if MANIFEST_DIGEST in m and (found := manifest_digest(m)) != m[MANIFEST_DIGEST]:
+        raise bad(
+            f"the manifest does not match its own checksum (manifest_sha256 {m[MANIFEST_DIGEST]!r}"
+            f", its content hashes to {found!r}): it was edited or damaged"
+        )
+
+
+def _shard_entry_problem(shard: Any, shard_tokens: int, *, last: bool) -> str | None:
+    """What is wrong with one ``shards`` entry of a manifest, or ``None``."""
+    if not isinstance(shard, dict):
+        return f"expected an object with file, n_tokens, sha256, found {shard!r}"
+    for key in ("file", "n_tokens", "sha256"):
+        if key not in shard:
+            return f"missing key {key!r}"
+    file = shard["file"]
+    if not isinstance(file, str) or not file:
+        return f"'file' must be a file name, found {file!r}"
+    if PurePosixPath(file).is_absolute() or ".." in PurePosixPath(file).parts:
+        return f"'file' {file!r} leaves the store folder; shard files are relative names inside it"
+    n = shard["n_tokens"]
+    if not _is_int(n, 1):
+        return f"'n_tokens' must be an integer >= 1, found {n!r}"
+    if n > shard_tokens or (n != shard_tokens and not last):
+        rule = "at most" if last else "exactly"
+        return f"{file} holds {n} tokens; this shard must hold {rule} shard_tokens={shard_tokens}"
+    if not isinstance(shard["sha256"], str) or not _SHA256_RE.match(shard["sha256"]):
+        return f"'sha256' must be 64 lowercase hex digits, found {shard['sha256']!r}"
+    return None
 
 
 def _size_problem(root: Path, shard: dict[str, Any], row_bytes: int) -> str | None:
@@ -154,16 +256,55 @@ def _size_problem(root: Path, shard: dict[str, Any], row_bytes: int) -> str | No
     return None
 
 
+def _file_state(path: Path) -> tuple[int, int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _checksum_problem(root: Path, shard: dict[str, Any], *, remembered: bool = True) -> str | None:
+    """Compare a shard file's sha256 with the manifest's; ``None`` when it matches.
+
+    With ``remembered`` a shard this process already verified (same file, size and timestamps) is
+    not hashed again, so that streaming a store hashes each shard once per process.
+    """
+    path = root / shard["file"]
+    try:
+        before = _file_state(path)
+    except FileNotFoundError:
+        return f"shard {shard['file']} is missing"
+    key = (*before, shard["sha256"])
+    if remembered and key in _VERIFIED:
+        return None
+    started = time.time_ns()
+    found = _sha256_file(path)
+    if found != shard["sha256"]:
+        _VERIFIED.discard(key)
+        return (
+            f"shard {shard['file']} fails its sha256 checksum: expected {shard['sha256']}, "
+            f"found {found}"
+        )
+    if _file_state(path) == before and before[4] < started - _RACY_NS:
+        _VERIFIED.add(key)
+    return None
+
+
+def _shard_problem(root: Path, shard: dict[str, Any], row_bytes: int) -> str | None:
+    """Size, then checksum (remembered per process): what is wrong with a shard, or ``None``."""
+    return _size_problem(root, shard, row_bytes) or _checksum_problem(root, shard)
+
+
 # --- writing -------------------------------------------------------------------------------------
 class ActivationStoreWriter:
     """Append fp32 activation rows; write fixed-size shards and an atomically updated manifest.
 
     ``ActivationStoreWriter(root, d=576, dtype="float16", metadata={...})``. Re-opening a folder
     with an unfinished store (same metadata, d, dtype, shard_tokens) keeps its finished shards
-    after checking their checksums, and ``tokens_written`` says how many tokens to skip. A shard
-    that fails its check is dropped together with every later one. Re-opening a complete store
-    gives ``complete == True`` and refuses ``append``. Rows buffered but not yet in a shard are
-    lost on a crash; the resume point is always a shard boundary.
+    after checking their checksums, and ``tokens_written`` says how many tokens to skip. Damaged
+    shards at the end (missing, truncated, failing their checksum) are dropped and written again;
+    a damaged shard followed by good ones is refused with ``CorruptStoreError`` and nothing is
+    deleted. Re-opening a complete store gives ``complete == True`` and refuses ``append``. Rows
+    buffered but not yet in a shard are lost on a crash; the resume point is always a shard
+    boundary.
     """
 
     def __init__(
@@ -219,16 +360,31 @@ class ActivationStoreWriter:
                 f"{self.root} already holds an activation store written with different settings "
                 f"({details}). Delete the folder to re-extract, or choose another output path."
             )
-        row_bytes = self.d * self.np_dtype.itemsize
-        for shard in old["shards"]:
-            path = self.root / shard["file"]
-            if _size_problem(self.root, shard, row_bytes) or _sha256_file(path) != shard["sha256"]:
-                break  # keep only the valid prefix; extraction resumes from here
-            self.shards.append(shard)
-        self.complete = bool(old.get("complete")) and len(self.shards) == len(old["shards"])
+        self.shards = self._intact_prefix(old["shards"])
+        self.complete = old["complete"] and len(self.shards) == len(old["shards"])
         if not self.complete:  # an unfinished store continues after its last full shard
             full = [s["n_tokens"] == self.shard_tokens for s in self.shards] + [False]
             self.shards = self.shards[: full.index(False)]
+
+    def _intact_prefix(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The shards before the first damaged one, if every shard from there on is damaged.
+
+        A damaged shard followed by an intact one raises ``CorruptStoreError``: extraction can
+        only continue from the end, so resuming would delete the intact shards.
+        """
+        row_bytes = self.d * self.np_dtype.itemsize
+        problems = [_shard_problem(self.root, shard, row_bytes) for shard in shards]
+        damaged = [i for i, problem in enumerate(problems) if problem]
+        if damaged and damaged != list(range(damaged[0], len(shards))):
+            first = shards[damaged[0]]["file"]
+            details = "; ".join(str(problems[i]) for i in damaged)
+            raise CorruptStoreError(
+                f"{self.root}: {details}. Later shards are intact, and resuming would delete them, "
+                f"so nothing was changed. Restore the damaged shard(s), or delete {first} and "
+                "every later shard and re-run the extraction with the same settings (it resumes "
+                "from there), or delete the folder to re-extract everything."
+            )
+        return shards[: damaged[0]] if damaged else list(shards)
 
     @staticmethod
     def _lookup(settings: dict[str, Any], key: str) -> Any:
@@ -295,6 +451,7 @@ class ActivationStoreWriter:
             "n_tokens": sum(s["n_tokens"] for s in self.shards),
             "complete": self.complete,
         }
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         _write_json_atomic(self.root / MANIFEST, manifest)
 
     def close(self) -> None:
@@ -318,9 +475,11 @@ class ActivationStoreWriter:
 
 # --- reading -------------------------------------------------------------------------------------
 class ActivationStore:
-    """A finished store on disk: manifest, size checks at open, ``verify()``, loaders.
+    """A finished store on disk: manifest and size checks at open, ``verify()``, loaders.
 
-    ``allow_incomplete=True`` opens an interrupted store (its finished shards) for inspection.
+    Every read checks the sha256 of the shards it touches the first time this process reads them
+    (``_checksum_problem``); ``verify()`` re-hashes them all. ``allow_incomplete=True`` opens an
+    interrupted store (its finished shards) for inspection.
     """
 
     def __init__(self, root: str | Path, *, allow_incomplete: bool = False) -> None:
@@ -338,19 +497,28 @@ class ActivationStore:
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.shard_sizes = np.array([s["n_tokens"] for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
-        self.n_tokens = int(self.shard_starts[-1])
-        if self.n_tokens != self.manifest["n_tokens"]:
-            raise CorruptStoreError(
-                f"{self.root / MANIFEST}: shard sizes do not add up to n_tokens"
-            )
+        self.n_tokens = int(self.shard_starts[-1])  # == manifest n_tokens (checked on reading)
         row_bytes = self.d_in * self.np_dtype.itemsize
-        for shard in self.shards:
+        for i, shard in enumerate(self.shards):
             if problem := _size_problem(self.root, shard, row_bytes):
-                raise CorruptStoreError(f"{self.root}: {problem}. {self._fix}")
+                raise self._corrupt(i, problem)
 
-    _fix = (
-        "Re-run the extraction with the same settings: it keeps the good shards, redoes the rest."
-    )
+    def _corrupt(self, i: int, problem: str) -> CorruptStoreError:
+        """The error for damaged shard ``i``, with the way to repair the store."""
+        if i == len(self.shards) - 1:
+            fix = "Re-run the extraction with the same settings: it keeps the good shards and "
+            fix += "writes the last one again."
+        else:
+            fix = f"Delete {self.shards[i]['file']} and every later shard, then re-run the "
+            fix += "extraction with the same settings (it resumes from there); or delete the "
+            fix += "folder to re-extract everything."
+        return CorruptStoreError(f"{self.root}: {problem}. {fix}")
+
+    def check_shard(self, i: int) -> None:
+        """Raise ``CorruptStoreError`` unless shard ``i`` matches its sha256 (hashed once per
+        process while the file is unchanged)."""
+        if problem := _checksum_problem(self.root, self.shards[i]):
+            raise self._corrupt(i, problem)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -370,18 +538,19 @@ class ActivationStore:
         )
 
     def verify(self) -> None:
-        """Recompute every shard's sha256 and size; raise ``CorruptStoreError`` naming a bad one."""
+        """Check the manifest, then every shard's size and sha256 (always hashed again); raise
+        ``CorruptStoreError`` naming the first problem."""
+        _check_manifest(self.root / MANIFEST, self.manifest)
         row_bytes = self.d_in * self.np_dtype.itemsize
-        for shard in self.shards:
-            if problem := _size_problem(self.root, shard, row_bytes):
-                raise CorruptStoreError(f"{self.root}: {problem}. {self._fix}")
-            if _sha256_file(self.root / shard["file"]) != shard["sha256"]:
-                raise CorruptStoreError(
-                    f"{self.root}: shard {shard['file']} fails its sha256 checksum. {self._fix}"
-                )
+        for i, shard in enumerate(self.shards):
+            problem = _size_problem(self.root, shard, row_bytes)
+            if problem or (problem := _checksum_problem(self.root, shard, remembered=False)):
+                raise self._corrupt(i, problem)
 
     def shard_array(self, i: int) -> np.ndarray:
-        """Shard ``i`` as a read-only ``np.memmap`` of storage dtype (bf16 shows as uint16)."""
+        """Shard ``i`` as a read-only ``np.memmap`` of storage dtype (bf16 shows as uint16),
+        after ``check_shard(i)``."""
+        self.check_shard(i)
         shard = self.shards[i]
         return np.memmap(
             self.root / shard["file"],
@@ -534,6 +703,7 @@ class StoreBatches:
             pos = 0
             for shard, start, length in chosen.tolist():
                 if shard not in files:
+                    self.store.check_shard(shard)
                     path = self.store.root / self.store.shards[shard]["file"]
                     files[shard] = stack.enter_context(open(path, "rb"))
                 files[shard].seek(start * row_bytes)
@@ -551,7 +721,26 @@ class StoreBatches:
         """Batch ``step``: positions ``[step*B, (step+1)*B)`` of the shuffled epochs, as fp32."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        n_total, pos, need = self.store.n_tokens, step * self.batch_size, self.batch_size
+        return self._positions(step * self.batch_size, self.batch_size)
+
+    def rank_batch(self, step: int, rank: int, world_size: int) -> Tensor:
+        """Rank ``rank``'s rows ``[r*B/W, (r+1)*B/W)`` of batch ``step`` (``W = world_size``),
+        reading only those rows; the ranks' slices, in rank order, make up ``batch(step)``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} (the global batch) must be divisible by the "
+                f"number of processes ({world_size})"
+            )
+        per = self.batch_size // world_size
+        return self._positions(step * self.batch_size + rank * per, per)
+
+    def _positions(self, pos: int, need: int) -> Tensor:
+        """Positions ``[pos, pos + need)`` of the endless sequence of shuffled epochs, as fp32."""
+        n_total = self.store.n_tokens
         parts = []
         while need > 0:
             epoch, offset = divmod(pos, n_total)

@@ -22,9 +22,21 @@ from common.evals.sparsity import log_frequency_histogram, sparsity_metrics
 from common.sae import SAE
 
 
+def check_width(sae: SAE, x: Tensor, source: str = "activations") -> None:
+    """``x`` must be ``(..., d_in)`` with the SAE's ``d_in``: a ValueError naming both otherwise."""
+    width = x.shape[-1] if x.ndim else None
+    if width != sae.cfg.d_in:
+        raise ValueError(
+            f"{source}: the activations have width {width} (shape {tuple(x.shape)}), but the "
+            f"{sae.name} SAE has d_in={sae.cfg.d_in}. Did you pass the activations of the site "
+            "the SAE was trained on (and the right --key)?"
+        )
+
+
 @torch.no_grad()
 def encode_decode(sae: SAE, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     """``(z, x_hat)`` for all of ``x`` (raw units; ``input_scale`` applied), in eval mode."""
+    check_width(sae, x)
     was_training = sae.training
     sae.eval()
     zs, x_hats = [], []
@@ -37,9 +49,25 @@ def encode_decode(sae: SAE, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, 
 
 
 def evaluate(
-    sae: SAE, x: Tensor, *, true_features: Tensor | None = None, with_histogram: bool = False
+    sae: SAE,
+    x: Tensor,
+    *,
+    true_features: Tensor | None = None,
+    with_histogram: bool = False,
+    source: str = "activations",
 ) -> dict[str, float | dict]:
-    """Reconstruction + sparsity (+ ground-truth recovery) of ``sae`` on activations ``x``."""
+    """Reconstruction + sparsity (+ ground-truth recovery) of ``sae`` on activations ``x``.
+
+    ``source`` (the file ``x`` came from) is named in the error when a width does not match the
+    SAE's ``d_in``.
+    """
+    check_width(sae, x, source)
+    if true_features is not None and true_features.shape[-1] != sae.cfg.d_in:
+        raise ValueError(
+            f"{source}: the true features have shape {tuple(true_features.shape)}, but the "
+            f"{sae.name} SAE has d_in={sae.cfg.d_in}. Pass the features of the data the SAE was "
+            "trained on (--features-key)."
+        )
     z, x_hat = encode_decode(sae, x)
     metrics: dict[str, float | dict] = {
         "architecture": sae.name,  # type: ignore[dict-item]
@@ -114,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         features = (
             load_activation_file(args.data, key=args.features_key) if args.features_key else None
         )
-        metrics = evaluate(sae, x, true_features=features)
+        metrics = evaluate(sae, x, true_features=features, source=str(args.data))
         if args.model:
             if not args.site:
                 raise ValueError("--model needs --site: the hook site the SAE was trained on")

@@ -27,6 +27,7 @@ tensor); ``list_sites(model)`` lists every name. An unknown site or layer fails 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,3 +262,28 @@ def resolve_site(model: nn.Module, site: str) -> ResolvedSite:
     path, hook_kind = getattr(LAYOUTS[kind], name)
     module = _submodule(blocks[layer], path)
     return ResolvedSite(site, module, hook_kind, "sequence", layer)  # type: ignore[arg-type]
+
+
+def site_name_error(site: Any, *, cnn: bool = False, n_layers: int | None = None) -> str | None:
+    """Why ``site`` is not a site name, or ``None`` when it is one; no model is loaded.
+
+    Transformer sites are ``<kind>.<layer>`` with ``kind`` in ``SITE_KINDS``; EfficientNet sites
+    (``cnn=True``) are ``block.<layer>`` or ``features``. ``n_layers``, when known, bounds the
+    layer to ``0 .. n_layers - 1``; ``resolve_site`` checks the same against the loaded model.
+    """
+    if not isinstance(site, str):
+        return f"a site is a string such as 'resid_post.3', not {type(site).__name__}"
+    kinds = ("block",) if cnn else SITE_KINDS
+    if cnn and site == "features":
+        return None
+    match = re.fullmatch(r"(\w+)\.(\d+)", site)
+    if match is None or match.group(1) not in kinds:
+        digits = re.search(r"\d+$", site)
+        candidates = [f"{kind}.{digits.group() if digits else 0}" for kind in kinds]
+        close = difflib.get_close_matches(site, [*candidates, *(["features"] if cnn else [])], 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown site {site!r}{hint}"
+    layer = int(match.group(2))
+    if n_layers is not None and layer >= n_layers:
+        return f"layer {layer} is out of range in {site!r}: the model has layers 0..{n_layers - 1}"
+    return None

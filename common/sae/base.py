@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -146,7 +147,14 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> SAE:
-        """Load any registered architecture from a directory written by ``save``."""
+        """Load any registered architecture from a directory written by ``save``.
+
+        Everything is checked before the model is allocated: ``config.json`` is a JSON object
+        naming an architecture, ``sae.safetensors`` is a complete safetensors file, and the
+        tensor names and shapes in its header are those the config implies (read from a model
+        built on the ``meta`` device, which allocates no memory). Errors are ValueError /
+        FileNotFoundError naming the file and the fix.
+        """
         from common.sae.registry import build_sae
 
         directory = Path(directory)
@@ -157,22 +165,91 @@ class SAE(nn.Module):
                     f"No SAE checkpoint at {directory}: missing {path.name}. "
                     "Train one with `python -m common.train` or check the path."
                 )
-        config = json.loads(config_path.read_text())
-        arch = config.pop("architecture", None)
-        if arch is None:
-            raise ValueError(
-                f"{config_path} has no `architecture` field; it was not written by SAE.save"
-            )
+        arch, config = _read_config(config_path)
+        expected = _expected_shapes(arch, config, config_path)
+        found = safetensors_shapes(weights_path)
+        if expected is not None:
+            _check_shapes(found, expected, f"{weights_path} does not match {config_path}")
         sae = build_sae(arch, **config)
-        state = load_file(str(weights_path))
-        missing, unexpected = set(sae.state_dict()) - set(state), set(state) - set(sae.state_dict())
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_path} does not match architecture {arch!r}: missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}"
-            )
-        sae.load_state_dict(state)
+        if expected is None:  # the architecture cannot be built on the meta device
+            shapes = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+            _check_shapes(found, shapes, f"{weights_path} does not match {config_path}")
+        sae.load_state_dict(load_file(str(weights_path)))
         return sae
+
+
+_REFIT_HINT = "Retrain or re-export this SAE (SAE.save writes both files together)."
+
+
+def _read_config(config_path: Path) -> tuple[str, dict[str, Any]]:
+    """``(architecture, hyperparameters)`` from a ``config.json`` written by ``SAE.save``."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({err}): it is damaged or was not written by "
+            f"SAE.save. {_REFIT_HINT}"
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_path} must hold a JSON object of hyperparameters, got a "
+            f"{type(config).__name__}. {_REFIT_HINT}"
+        )
+    arch = config.pop("architecture", None)
+    if arch is None:
+        raise ValueError(
+            f"{config_path} has no `architecture` field; it was not written by SAE.save. "
+            + _REFIT_HINT
+        )
+    return arch, config
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header only (no tensor
+    is loaded). A truncated or non-safetensors file is a ValueError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or in another "
+            f"format (pickled checkpoints are never read). {_REFIT_HINT}"
+        ) from err
+
+
+def _expected_shapes(
+    arch: str, config: dict[str, Any], config_path: Path
+) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the state dict that ``config`` implies, from a model built on the ``meta``
+    device (no memory); None if the architecture cannot be built there."""
+    from common.sae.registry import build_sae
+
+    try:
+        with torch.device("meta"):
+            model = build_sae(arch, **config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config_path}: {err}") from err
+    except (NotImplementedError, RuntimeError):
+        return None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _check_shapes(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
+) -> None:
+    """Same tensor names and shapes, or a ValueError listing every difference."""
+    problems = [
+        f"tensor {name} has shape {found[name]} in the file, the config implies {shape}"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    ]
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}. {_REFIT_HINT}")
 
 
 def unit_norm_rows_(weight: Tensor, eps: float = 1e-8) -> None:

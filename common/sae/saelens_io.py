@@ -15,7 +15,35 @@ give the same codes z for the same x:
     batchtopk    ->   "jumprelu"     the inference rule z = pre * 1[pre > theta] with one scalar
                                      theta (paper 22), written as a per-latent threshold;
                                      SAELens itself saves BatchTopK SAEs this way.
+    matryoshka   ->   "jumprelu"     the same inference rule z = ReLU(pre) * 1[pre > theta] (paper
+                                     22); SAELens saves its "matryoshka_batchtopk" SAEs this way
+                                     (only its training class has that architecture name).
     decoder (all):                   x_hat = W_dec^T z + b_dec
+
+Input scale (``normalize_activations``). Our SAEs work on ``c x`` with ``c = cfg.input_scale``
+(``SAE.scale_in``) and return ``x_hat / c`` (``SAE.scale_out``): for raw x,
+
+    z = f(W_enc^T (c x - b_dec) + b_enc),     x_hat = (W_dec^T z + b_dec) / c.
+
+SAELens's ``load_from_disk`` applies no input scaling, so ``c`` is folded into the exported
+weights, exactly as SAELens's own ``fold_activation_norm_scaling_factor`` does:
+
+    W_enc' = c W_enc,   b_dec' = b_dec / c,   W_dec' = W_dec / c,   everything else unchanged,
+
+since ``W_enc'^T (x - b_dec') = W_enc^T (c x - b_dec)`` (so every pre-activation, gated's pi_gate
+and pi_mag = (exp(r_mag) * W_enc')^T (x - b_dec') + b_mag included, is unchanged: b_enc, b_gate,
+r_mag, b_mag, the JumpReLU/BatchTopK thresholds and the TopK selection stay as they are, and the
+codes z are ours) and ``W_dec'^T z + b_dec' = (W_dec^T z + b_dec) / c``. The folder says
+``normalize_activations: "none"``: SAELens's encode/decode on raw x give our z and x_hat. The
+exported decoder rows have norm ``||W_dec[i]|| / c``, not 1; that is harmless for the "topk"
+export because we write ``rescale_acts_by_decoder_norm: false`` (also SAELens's default), so
+SAELens selects on the plain pre-activations. ``c`` is recorded in
+``metadata["sae_replications_input_scale"]``; import unfolds it (``W_enc = W_enc' / c``,
+``b_dec = c b_dec'``, ``W_dec = c W_dec'``, ``input_scale = c``), which gives back our SAE with
+unit-norm decoder rows and the same raw x -> x_hat. Folders without that key are read with
+``input_scale = 1`` and the weights as they are, except old exports of ours (written before the
+fold, with a stored ``input_scale != 1``): their weights are in the SAE's units, so they are read
+with the stored ``input_scale`` and a warning (SAELens itself reads such a folder wrongly).
 
 Details of the mapping:
 
@@ -24,10 +52,14 @@ Details of the mapping:
   encodes ``ReLU(pre) * 1[pre > threshold]``, which equals ``pre * 1[pre > max(threshold, 0)]``;
   on import ``log_threshold = log(max(threshold, 0))``, i.e. ``-inf`` (a plain ReLU) where the
   stored threshold is <= 0. Old SAELens folders holding ``log_threshold`` are read as well.
+* BatchTopK / Matryoshka: only the eval-mode rule is exported (a trained SAE has theta >= 0; an
+  untrained one, theta < 0 or not finite, is refused). They come back as ``jumprelu`` SAEs.
 * TopK: SAELens takes the top k of ``pre`` then a ReLU; we take the top k of ``ReLU(pre)``. Both
   keep the same positive values at the same places. SAELens's ``rescale_acts_by_decoder_norm``
   (select on ``pre * ||W_dec[i]||``, decode ``z / ||W_dec[i]||``) is folded on import:
-  ``W_enc[:, i] *= n_i, b_enc[i] *= n_i, W_dec[i] /= n_i`` gives identical codes and outputs.
+  ``W_enc[:, i] *= n_i, b_enc[i] *= n_i, W_dec[i] /= n_i`` gives identical codes and outputs
+  (this and the next fold come first: they turn the folder into a plain SAELens SAE of raw x,
+  which the input scale above is then unfolded from).
 * ``apply_b_dec_to_input=False`` (SAELens encodes x, not x - b_dec) is folded on import into the
   encoder biases: ``b_enc += W_enc^T b_dec`` (gated: ``b_gate += W_enc^T b_dec``,
   ``b_mag += (exp(r_mag) * W_enc)^T b_dec``).
@@ -40,7 +72,7 @@ Details of the mapping:
 * Training-only options (decoder norm constraints, L1 warm-up, AuxK) do not change encodings. Our
   config is stored in ``metadata["sae_replications_config"]`` on export and reused on import when
   it describes the same architecture; otherwise defaults are used, with ``unit_norm_decoder`` set
-  to whether the decoder rows have unit norm.
+  to whether the (unfolded) decoder rows have unit norm.
 
 Weights are read with safetensors only: pickled checkpoints (``.pt``, ``.pth``) are refused.
 """
@@ -68,7 +100,14 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 # version >= 6.0 tells SAELens's loader that the folder needs no pre-6.0 config conversion.
 SAELENS_FORMAT_VERSION = "6.54.12"
 OUR_CONFIG_KEY = "sae_replications_config"
-_RESERVED_METADATA = ("sae_lens_version", "sae_lens_training_version", OUR_CONFIG_KEY)
+# The input scale c folded into the exported weights (see the module docstring).
+INPUT_SCALE_KEY = "sae_replications_input_scale"
+_RESERVED_METADATA = (
+    "sae_lens_version",
+    "sae_lens_training_version",
+    OUR_CONFIG_KEY,
+    INPUT_SCALE_KEY,
+)
 _UNIT_NORM_ATOL = 1e-4
 
 # Our architecture -> the SAELens architecture it is exported as.
@@ -78,6 +117,7 @@ EXPORTS: dict[str, str] = {
     "topk": "topk",
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
 }
 # SAELens architecture -> our architecture it is imported as.
 IMPORTS: dict[str, str] = {
@@ -120,12 +160,13 @@ def _export_jumprelu(sae: SAE) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return {**_plain(sae), "threshold": getattr(sae, "threshold")}, {}
 
 
-def _export_batchtopk(sae: SAE) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The eval-mode rule pre * 1[pre > theta] as a JumpReLU with theta_i = theta for every i."""
+def _export_threshold_rule(sae: SAE) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """BatchTopK / Matryoshka: the eval-mode rule z = ReLU(pre) * 1[pre > theta] (one scalar
+    theta, estimated in training) as a JumpReLU with theta_i = theta for every latent i."""
     theta = float(getattr(sae, "threshold"))
     if not (theta >= 0 and math.isfinite(theta)):
         raise ValueError(
-            f"Cannot export a BatchTopK SAE with inference threshold {theta}: SAELens's JumpReLU "
+            f"Cannot export a {sae.name} SAE with inference threshold {theta}: SAELens's JumpReLU "
             "computes ReLU(pre) * 1[pre > theta], which equals ours only for a finite theta >= 0. "
             "Train it (the threshold is estimated during training) before exporting."
         )
@@ -133,12 +174,36 @@ def _export_batchtopk(sae: SAE) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return {**_plain(sae), "threshold": threshold}, {}
 
 
+def fold_input_scale(tensors: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """Weights for raw inputs from weights for ``scale * x`` (float64):
+
+        W_enc' = c W_enc,   b_dec' = b_dec / c,   W_dec' = W_dec / c   (c = ``scale``),
+
+    so that W_enc'^T (x - b_dec') = W_enc^T (c x - b_dec) and W_dec'^T z + b_dec' =
+    (W_dec^T z + b_dec) / c. Other tensors (biases of the latents, r_mag, thresholds) are kept.
+    """
+    out = {k: v.detach().double() for k, v in tensors.items()}
+    out["W_enc"] = out["W_enc"] * scale
+    out["b_dec"], out["W_dec"] = out["b_dec"] / scale, out["W_dec"] / scale
+    return out
+
+
+def unfold_input_scale(tensors: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """The inverse of ``fold_input_scale``: W_enc = W_enc' / c, b_dec = c b_dec',
+    W_dec = c W_dec' (float64)."""
+    out = {k: v.detach().double() for k, v in tensors.items()}
+    out["W_enc"] = out["W_enc"] / scale
+    out["b_dec"], out["W_dec"] = out["b_dec"] * scale, out["W_dec"] * scale
+    return out
+
+
 _EXPORTERS: dict[str, Callable[[SAE], tuple[dict[str, Tensor], dict[str, Any]]]] = {
     "relu": _export_relu,
     "gated": _export_gated,
     "topk": _export_topk,
     "jumprelu": _export_jumprelu,
-    "batchtopk": _export_batchtopk,
+    "batchtopk": _export_threshold_rule,
+    "matryoshka": _export_threshold_rule,
 }
 
 
@@ -152,8 +217,11 @@ def export_saelens(
 ) -> Path:
     """Write ``sae`` as a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``).
 
-    The folder loads with SAELens's ``SAE.load_from_disk(directory)`` and encodes like ``sae``
-    (see the module docstring for the per-architecture mapping). ``hook_name`` / ``model_name``
+    The folder loads with SAELens's ``SAE.load_from_disk(directory)`` and, on raw activations x,
+    gives the codes z and reconstruction x_hat of ``sae`` (``sae.scale_out(sae(sae.scale_in(x)))``):
+    the input scale c is folded into the weights (W_enc' = c W_enc, b_dec' = b_dec / c,
+    W_dec' = W_dec / c), so the decoder rows have norm 1 / c. See the module docstring for the
+    per-architecture mapping. ``hook_name`` / ``model_name``
     go to SAELens's ``metadata`` (used by ``HookedSAETransformer.add_sae``); ``extra_metadata`` is
     merged into it and must be JSON-serialisable. Returns the directory.
     """
@@ -171,6 +239,8 @@ def export_saelens(
             "(pass hook_name= / model_name= as keyword arguments instead)"
         )
     tensors, arch_fields = exporter(sae)
+    scale = float(sae.cfg.input_scale)
+    tensors = fold_input_scale(tensors, scale)
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -178,6 +248,7 @@ def export_saelens(
         **({"hook_name": hook_name} if hook_name else {}),
         **extra,
         OUR_CONFIG_KEY: {"architecture": sae.name, **sae.cfg.to_dict()},
+        INPUT_SCALE_KEY: scale,
     }
     config = {
         "architecture": EXPORTS[sae.name],
@@ -320,8 +391,38 @@ def _fold_inputs(arch: str, t: dict[str, Tensor], config: dict[str, Any]) -> Non
         t["W_dec"] = t["W_dec"] / norms[:, None]
 
 
-def _our_config(arch: str, config: dict[str, Any], w_dec: Tensor) -> dict[str, Any]:
-    """Our hyperparameters: those stored by export_saelens if they match, else defaults."""
+def _input_scale(config: dict[str, Any], where: Path) -> tuple[float, bool]:
+    """``(c, folded)``: the input scale of the SAE in the folder, and whether the weights hold it
+    folded in (exports of ours record it; see the module docstring). Without a record: 1."""
+    metadata = config.get("metadata") or {}
+    if INPUT_SCALE_KEY in metadata:
+        scale = metadata[INPUT_SCALE_KEY]
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not (number and scale > 0 and math.isfinite(scale)):
+            raise ValueError(
+                f"{where}/cfg.json: metadata.{INPUT_SCALE_KEY} must be a finite number > 0, got "
+                f"{scale!r}; re-export the SAE with export_saelens."
+            )
+        return float(scale), True
+    stored = (metadata.get(OUR_CONFIG_KEY) or {}).get("input_scale", 1.0)
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and stored > 0:
+        if stored != 1.0:
+            warnings.warn(
+                f"{where} was exported before export_saelens folded the input scale: its weights "
+                f"expect inputs scaled by input_scale={stored}, which SAELens does not apply, so "
+                "SAELens reads this folder wrongly. Importing it with that input_scale; re-export "
+                "it to fix the folder.",
+                stacklevel=3,
+            )
+        return float(stored), False
+    return 1.0, False
+
+
+def _our_config(
+    arch: str, config: dict[str, Any], w_dec: Tensor, input_scale: float = 1.0
+) -> dict[str, Any]:
+    """Our hyperparameters: those stored by export_saelens if they match, else defaults; the
+    input scale is always ``input_scale``."""
     ours = IMPORTS[arch]
     fields = {f.name for f in dataclasses.fields(get_architecture(ours).config_class)}
     stored = dict((config.get("metadata") or {}).get(OUR_CONFIG_KEY) or {})
@@ -332,7 +433,7 @@ def _our_config(arch: str, config: dict[str, Any], w_dec: Tensor) -> dict[str, A
         if "unit_norm_decoder" in fields:
             unit = torch.allclose(w_dec.norm(dim=1), torch.ones(()).double(), atol=_UNIT_NORM_ATOL)
             hyper["unit_norm_decoder"] = unit
-    hyper.update(d_in=config["d_in"], d_sae=config["d_sae"])
+    hyper.update(d_in=config["d_in"], d_sae=config["d_sae"], input_scale=input_scale)
     if ours == "relu":
         hyper["tied"] = False
     if ours == "topk":
@@ -343,9 +444,11 @@ def _our_config(arch: str, config: dict[str, Any], w_dec: Tensor) -> dict[str, A
 def import_saelens(directory: str | Path) -> SAE:
     """Read a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) as one of our SAEs.
 
-    The result encodes every input as SAELens's ``encode`` does, up to float rounding (see the
-    module docstring for the mapping and the folds). Architectures: "standard" -> relu,
-    "gated" -> gated, "topk" -> topk, "jumprelu" -> jumprelu. Only safetensors weights are read.
+    The result maps raw inputs x to the codes and reconstruction of SAELens's ``encode`` /
+    ``decode``, up to float rounding (see the module docstring for the mapping and the folds; an
+    input scale folded in by ``export_saelens`` is unfolded into ``cfg.input_scale``).
+    Architectures: "standard" -> relu, "gated" -> gated, "topk" -> topk, "jumprelu" -> jumprelu.
+    Only safetensors weights are read.
     """
     directory = Path(directory)
     config, state = _read_folder(directory)
@@ -353,9 +456,12 @@ def import_saelens(directory: str | Path) -> SAE:
     _check_input_options(config, directory)
     t = _tensors(arch, state, config, directory)
     _fold_inputs(arch, t, config)
+    scale, folded = _input_scale(config, directory)
+    if folded:
+        t = unfold_input_scale(t, scale)
     if arch == "jumprelu":
         t["log_threshold"] = t.pop("threshold").clamp_min(0).log()  # theta <= 0 -> -inf: ReLU
-    sae = build_sae(IMPORTS[arch], **_our_config(arch, config, t["W_dec"]))
+    sae = build_sae(IMPORTS[arch], **_our_config(arch, config, t["W_dec"], scale))
     target = sae.state_dict()
     if set(target) != set(t):
         raise RuntimeError(f"internal: tensors {sorted(t)} do not match {sorted(target)}")

@@ -149,7 +149,12 @@ class TopKSAE(UnitNormDecoderSAE):
             return
         x_c = x - self.b_dec
         recon = self.decode(self.encode(x)) - self.b_dec
-        scale = (x_c * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
+        # Row sums first, then a float64 sum of N numbers: a flat float32 ``sum()`` over N x d
+        # entries is split across threads, so its rounding (and every weight after it) would
+        # depend on the thread count; N row sums fall under torch's parallel grain, one thread.
+        num = (x_c * recon).sum(dim=1, dtype=torch.float64).sum()
+        den = recon.pow(2).sum(dim=1, dtype=torch.float64).sum().clamp_min(1e-12)
+        scale = (num / den).to(x.dtype)
         if torch.isfinite(scale) and scale > 0:
             self.W_enc.mul_(scale)
 
