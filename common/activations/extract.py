@@ -364,14 +364,25 @@ def _windows_for(texts: list[str], tokenizer: Any, args: argparse.Namespace) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; bad input (a device this machine lacks, a damaged store to resume, an
+    unknown site) ends with ``error: ...`` and the fix, not a traceback."""
+    args = _parse(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # CorruptStoreError is a ValueError
+        raise SystemExit(f"error: {err}") from err
+
+
+def _run(args: argparse.Namespace) -> int:
     from common.activations.store import ActivationStoreWriter
     from common.data.text import load_corpus
+    from common.device import resolve_device
     from common.models.loading import DEFAULT_CACHE_DIR, load_model
 
-    args = _parse(argv)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     if args.n_tokens <= 0:
         raise SystemExit(f"--n-tokens must be positive, got {args.n_tokens}")
+    resolve_device(args.device, key="--device")  # before the model is loaded
     loaded = load_model(
         args.model,
         cache_dir=args.cache_dir or DEFAULT_CACHE_DIR,
