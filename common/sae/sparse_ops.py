@@ -228,3 +228,24 @@ def topk_preacts(
             v, j = pre.index_select(1, aux_latents).topk(k_aux, dim=1, sorted=False)
             aux_vals[sl], aux_idx[sl] = v, aux_latents[j]
     return vals, idx, aux_vals, aux_idx
+
+
+# --- shared by the thresholded architectures (ReLU, gated, JumpReLU) ---------------------------
+# Above this fraction of nonzero code entries, the E d embedding-bag kernels cost more than the
+# dense (N M d) matmuls they replace, and the step takes the dense path (early ReLU training,
+# when about half the latents fire). Measured with benchmarks/bench_train.py (see its README).
+SPARSE_MAX_DENSITY = 0.1
+
+
+def prefer_sparse(nnz: int, n_rows: int, n_cols: int) -> bool:
+    """Whether a code with ``nnz`` nonzero entries out of ``n_rows x n_cols`` is sparse enough
+    for the O(nnz d) kernels to beat the dense matmuls (``SPARSE_MAX_DENSITY``)."""
+    return nnz <= SPARSE_MAX_DENSITY * n_rows * n_cols
+
+
+@torch.no_grad()
+def entries_where(mask: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries ``(rows, cols, values[rows, cols])`` where ``mask`` holds, rows ascending
+    (row-major order, as ``sparse_decode`` and ``selected_preacts`` expect)."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols, values[rows, cols]
