@@ -98,7 +98,5 @@ def test_extract_cli_refuses_a_missing_device_before_loading_the_model(
 
     monkeypatch.setattr(loading, "load_model", no_load)
     argv = ["--sites", "resid_post.3", "--n-tokens", "10", "--device", "cuda"]
-    with pytest.raises(
-        SystemExit, match="is 'cuda' but this machine has no CUDA"
-    ):
+    with pytest.raises(SystemExit, match="is 'cuda' but this machine has no CUDA"):
         extract.main([*argv, "--out", str(tmp_path / "acts")])

@@ -34,6 +34,15 @@ and can revive dead latents with the AuxK loss of Gao et al. (2024):
     e     = x - x_hat  (the full reconstruction, detached)
     L_aux = ||e - TopK_{k_aux}(pre masked to dead latents) W_dec||^2
 
+Training through ``sparse_ops`` (``sparse_kernels=True``, the default, taken while the code is
+sparse: ``prefer_sparse``): after the one dense encoder matmul that the selection needs, the step
+is O(E d) for the E selected entries, without a dense code per prefix. The selection (BatchTopK over
+the whole dictionary, or one per-token TopK_{k_h} whose first k_i entries are TopK_{k_i}) gives the
+entries once; entry e belongs to group g (the latents in [m_{g-1}, m_g), or the ranks in
+[k_{g-1}, k_g)); ``grouped_decode`` decodes every group's entries at once, and ``prefix_mse``
+sums the groups cumulatively into every prefix's reconstruction error: O(E d + G B d).
+``sparse_kernels=False`` is the dense reference (same values and gradients).
+
 Parameter names and shapes follow SAELens: W_enc (d_in, d_sae), b_enc, W_dec (d_sae, d_in), b_dec.
 """
 
@@ -42,6 +51,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +66,17 @@ from common.sae.base import (
     unit_norm_rows_,
 )
 from common.sae.registry import register
+from common.sae.sparse_ops import (
+    Workspace,
+    batch_topk_entries,
+    grouped_decode,
+    prefer_sparse,
+    prefix_mse,
+    selected_preacts,
+    sparse_decode,
+)
 from common.sae.sparsity import batch_topk_activation, topk_activation
+from common.sae.topk import _aux_selection
 
 DEFAULT_PREFIX_FRACTIONS = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
 
@@ -89,6 +109,18 @@ def auxk_loss(
     return reconstruction_mse(residual, z_aux @ W_dec)
 
 
+class NestedStep(NamedTuple):
+    """One training forward pass: the code z (detached in the sparse path), every prefix's
+    reconstruction error mse_g (G,), the full reconstruction x_hat, L_aux, and the kept
+    activations (detached)."""
+
+    z: Tensor
+    mses: Tensor
+    x_hat: Tensor
+    aux: Tensor
+    kept: Tensor
+
+
 class _UnitNormSAE(UnitNormDecoderSAE):
     """Shared parameters and decoder constraints of the two Matryoshka variants."""
 
@@ -100,12 +132,81 @@ class _UnitNormSAE(UnitNormDecoderSAE):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(w.clone())
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self._workspace = Workspace()  # scratch for the dense pre-activations of a training batch
 
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
+
+    # --- the sparse training path (sparse_ops) ------------------------------------------------
+    def sparse_enough(self, x: Tensor, k: int) -> bool:
+        """Whether a code with k entries per token is sparse enough for the sparse kernels."""
+        return prefer_sparse(k * x.shape[0], x.shape[0], self.cfg.d_sae)
+
+    @torch.no_grad()
+    def dense_preacts(self, x: Tensor) -> Tensor:
+        """pre = (x - b_dec) W_enc + b_enc into the reused workspace, without gradient (what the
+        selection reads; it must not outlive the step)."""
+        n, m = x.shape[0], self.cfg.d_sae
+        pre = self._workspace.get(n * m, x).view(n, m)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=pre)
+
+    def entry_values(self, x: Tensor, rows: Tensor, cols: Tensor, raw: Tensor) -> Tensor:
+        """ReLU(pre[rows, cols]) with the gradient of the dense pre-activation at those entries."""
+        vals = selected_preacts(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, raw)
+        return torch.relu(vals)
+
+    def auxk_sparse(
+        self,
+        x: Tensor,
+        pre: Tensor,
+        residual: Tensor,
+        dead_mask: Tensor | None,
+        k_aux: int,
+        coefficient: float,
+    ) -> Tensor:
+        """``auxk_loss`` from the entries of TopK_{k_aux} over the dead latents (O(B k_aux d));
+        without gradient if its ``coefficient`` is 0 (then it is only a logged term)."""
+        if dead_mask is None or not bool(dead_mask.any()):
+            return x.new_zeros(())
+        with torch.no_grad():
+            sel = _aux_selection(pre, dead_mask.nonzero().squeeze(1), k_aux)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and coefficient > 0):
+            vals = self.entry_values(x, sel.rows, sel.cols, sel.vals)
+            e_hat = sparse_decode(vals, sel.rows, sel.cols, self.W_dec, x.shape[0])
+            return reconstruction_mse(residual, e_hat)
+
+    def nested_sparse(
+        self,
+        x: Tensor,
+        pre: Tensor,
+        sel: tuple[Tensor, Tensor, Tensor],
+        groups: Tensor,
+        n_groups: int,
+        aux: tuple[Tensor | None, int, float],
+        dense_z: bool,
+    ) -> NestedStep:
+        """The step after the selection ``sel`` = (rows, cols, raw pre-activations), its entries
+        split into nested ``groups``: O(E d + G B d) (``grouped_decode``, ``prefix_mse``).
+        ``aux`` = (dead mask, k_aux, aux_coefficient)."""
+        rows, cols, raw = sel
+        vals = self.entry_values(x, rows, cols, raw)
+        parts = grouped_decode(vals, rows, cols, groups, n_groups, self.W_dec, x.shape[0])
+        mses, residual = prefix_mse(x - self.b_dec, parts)
+        l_aux = self.auxk_sparse(x, pre, residual, *aux)
+        z = self.code_tensor(rows, cols, vals, x.shape[0], dense_z)
+        return NestedStep(z, mses, x.detach() - residual, l_aux, vals.detach())
+
+    def code_tensor(self, rows: Tensor, cols: Tensor, vals: Tensor, n: int, dense: bool) -> Tensor:
+        """The code z (n, d_sae), detached, from its entries: dense, or sparse COO."""
+        vals = vals.detach()
+        if dense:
+            return vals.new_zeros(n, self.cfg.d_sae).index_put_((rows, cols), vals)
+        shape = (n, self.cfg.d_sae)
+        indices = torch.stack([rows, cols])
+        return torch.sparse_coo_tensor(indices, vals, shape, check_invariants=False)
 
 
 # --- paper 22: nested dictionaries ----------------------------------------------------------------
@@ -122,6 +223,7 @@ class MatryoshkaConfig(SAEConfig):
     aux_coefficient: float = 1 / 32
     k_aux: int | None = None  # default d_in // 2 (Gao et al.)
     threshold_momentum: float = 0.01
+    sparse_kernels: bool = True  # train through sparse_ops while the code is sparse
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -221,7 +323,8 @@ class MatryoshkaSAE(_UnitNormSAE):
 
     @torch.no_grad()
     def update_threshold(self, z: Tensor) -> None:
-        """theta <- (1 - mu) theta + mu * min{z > 0}: the smallest activation BatchTopK kept."""
+        """theta <- (1 - mu) theta + mu * min{z > 0}: the smallest activation BatchTopK kept
+        (``z``: the code, or only its kept values)."""
         kept = z[z > 0]
         if kept.numel() == 0:
             return
@@ -232,20 +335,47 @@ class MatryoshkaSAE(_UnitNormSAE):
             self.threshold.mul_(1 - mu).add_(mu * value)
 
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
-        ctx = ctx or TrainContext()
+        return self._train_loss(x, ctx, dense_z=True)
+
+    def loss_with_sparse_code(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        """``loss`` with ``z`` as a sparse COO tensor (its B*k entries) on the sparse path (the
+        dense fallback returns its dense z: converting it would scan B x d_sae entries)."""
+        return self._train_loss(x, ctx, dense_z=False)
+
+    def _forward_dense(self, x: Tensor, dead_mask: Tensor | None, k_aux: int) -> NestedStep:
+        """The dense reference: one dense code, a dense decode per group."""
         pre = self.pre_activations(x)
         z = batch_topk_activation(pre, self.cfg.k)
         recons = self.prefix_reconstructions(z)
-        mses = [reconstruction_mse(x, r) for r in recons]
-        recon_loss = torch.stack(mses).sum()
+        mses = torch.stack([reconstruction_mse(x, r) for r in recons])
+        aux = auxk_loss(pre, (x - recons[-1]).detach(), self.W_dec, dead_mask, k_aux)
+        return NestedStep(z, mses, recons[-1], aux, z.detach())
+
+    def _forward_sparse(
+        self, x: Tensor, dead_mask: Tensor | None, k_aux: int, dense_z: bool
+    ) -> NestedStep:
+        """The same through sparse_ops: BatchTopK's entries, grouped by prefix (group g: the
+        latents in [m_{g-1}, m_g))."""
+        pre = self.dense_preacts(x)
+        sel = batch_topk_entries(pre, self.cfg.k * x.shape[0])
+        bounds = torch.tensor(self.prefix_sizes, device=x.device)
+        groups = torch.bucketize(sel[1], bounds, right=True)
+        aux = (dead_mask, k_aux, self.cfg.aux_coefficient)
+        return self.nested_sparse(x, pre, sel, groups, len(self.prefix_sizes), aux, dense_z)
+
+    def _train_loss(self, x: Tensor, ctx: TrainContext | None, dense_z: bool) -> LossOutput:
+        ctx = ctx or TrainContext()
+        k_aux = self.cfg.k_aux or max(1, self.cfg.d_in // 2)
+        if self.cfg.sparse_kernels and self.sparse_enough(x, self.cfg.k):
+            z, mses, x_hat, aux, kept = self._forward_sparse(x, ctx.dead_mask, k_aux, dense_z)
+        else:
+            z, mses, x_hat, aux, kept = self._forward_dense(x, ctx.dead_mask, k_aux)
+        recon_loss = mses.sum()
         if self.cfg.prefix_loss == "mean":
             recon_loss = recon_loss / len(mses)
-        x_hat = recons[-1]
-        k_aux = self.cfg.k_aux or max(1, self.cfg.d_in // 2)
-        aux = auxk_loss(pre, (x - x_hat).detach(), self.W_dec, ctx.dead_mask, k_aux)
         loss = recon_loss + self.cfg.aux_coefficient * aux
         if self.training:
-            self.update_threshold(z)
+            self.update_threshold(kept)
         terms = {f"mse_prefix_{m}": v.item() for m, v in zip(self.prefix_sizes, mses, strict=True)}
         terms.update(
             {"auxk": aux.item(), "fvu": fvu(x, x_hat).item(), "threshold": self.threshold.item()}
@@ -264,6 +394,7 @@ class MSAEConfig(SAEConfig):
     inference_topk: bool = False  # False = paper 28: ReLU only at inference
     aux_coefficient: float = 0.0  # not in paper 28's loss; > 0 adds Gao et al.'s AuxK
     k_aux: int | None = None
+    sparse_kernels: bool = True  # train through sparse_ops while the code is sparse
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -318,16 +449,47 @@ class MSAE(_UnitNormSAE):
         return self.nested_codes(self.pre_activations(x))
 
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
-        ctx = ctx or TrainContext()
+        return self._train_loss(x, ctx, dense_z=True)
+
+    def loss_with_sparse_code(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        """``loss`` with ``z`` (the k_h code) as a sparse COO tensor on the sparse path (the
+        dense fallback returns its dense z)."""
+        return self._train_loss(x, ctx, dense_z=False)
+
+    def _forward_dense(self, x: Tensor, dead_mask: Tensor | None, k_aux: int) -> NestedStep:
+        """The dense reference: a dense code and a dense decode per k_i."""
         pre = self.pre_activations(x)
         codes = self.nested_codes(pre)
         recons = [self.decode(z) for z in codes]
-        mses = [reconstruction_mse(x, r) for r in recons]
-        alphas = torch.tensor(self.cfg.weights(), dtype=x.dtype, device=x.device)
-        recon_loss = (alphas * torch.stack(mses)).sum()
-        z, x_hat = codes[-1], recons[-1]
+        mses = torch.stack([reconstruction_mse(x, r) for r in recons])
+        aux = auxk_loss(pre, (x - recons[-1]).detach(), self.W_dec, dead_mask, k_aux)
+        return NestedStep(codes[-1], mses, recons[-1], aux, codes[-1].detach())
+
+    def _forward_sparse(
+        self, x: Tensor, dead_mask: Tensor | None, k_aux: int, dense_z: bool
+    ) -> NestedStep:
+        """The same through sparse_ops: one TopK_{k_h} per token, sorted, whose first k_i
+        entries are TopK_{k_i} (group i: the ranks in [k_{i-1}, k_i))."""
+        n, k_max = x.shape[0], self.cfg.ks[-1]
+        pre = self.dense_preacts(x)
+        with torch.no_grad():
+            raw, idx = pre.topk(k_max, dim=1, sorted=True)
+            rows = torch.arange(n, device=x.device).repeat_interleave(k_max)
+            ranks = torch.arange(k_max, device=x.device).repeat(n)
+            groups = torch.bucketize(ranks, torch.tensor(self.cfg.ks, device=x.device), right=True)
+        sel = (rows, idx.flatten(), raw.flatten())
+        aux = (dead_mask, k_aux, self.cfg.aux_coefficient)
+        return self.nested_sparse(x, pre, sel, groups, len(self.cfg.ks), aux, dense_z)
+
+    def _train_loss(self, x: Tensor, ctx: TrainContext | None, dense_z: bool) -> LossOutput:
+        ctx = ctx or TrainContext()
         k_aux = self.cfg.k_aux or max(1, self.cfg.d_in // 2)
-        aux = auxk_loss(pre, (x - x_hat).detach(), self.W_dec, ctx.dead_mask, k_aux)
+        if self.cfg.sparse_kernels and self.sparse_enough(x, self.cfg.ks[-1]):
+            z, mses, x_hat, aux, _ = self._forward_sparse(x, ctx.dead_mask, k_aux, dense_z)
+        else:
+            z, mses, x_hat, aux, _ = self._forward_dense(x, ctx.dead_mask, k_aux)
+        alphas = torch.tensor(self.cfg.weights(), dtype=x.dtype, device=x.device)
+        recon_loss = (alphas * mses).sum()
         loss = recon_loss + self.cfg.aux_coefficient * aux
         terms = {f"mse_k{k}": m.item() for k, m in zip(self.cfg.ks, mses, strict=True)}
         terms.update({"auxk": aux.item(), "fvu": fvu(x, x_hat).item()})

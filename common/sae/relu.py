@@ -11,6 +11,11 @@ Options:
   term cannot be cheated by growing the dictionary. The alternative, ``decoder_norm_l1``, weights
   each latent's L1 by its decoder-row norm (Anthropic's April 2024 update) and leaves norms free.
 * ``l1_warmup_steps``: lambda rises linearly from 0 to ``l1_coefficient``.
+* ``sparse_kernels``: training (``loss``) computes the dense pre-activations once, then works on
+  the E firing entries only (``common.sae.sparse_ops``): x_hat, the L1 term and every gradient
+  cost O(E d) instead of O(N M d). While the code is dense (early training, when about half the
+  latents fire) ``prefer_sparse`` picks the dense path instead; ``False`` always takes it (the
+  reference: same values and gradients).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from common.sae.base import (
     unit_norm_rows_,
 )
 from common.sae.registry import register
+from common.sae.sparse_ops import entries_where, prefer_sparse, selected_preacts, sparse_decode
 
 
 @dataclass
@@ -39,6 +45,7 @@ class ReluConfig(SAEConfig):
     tied: bool = False
     unit_norm_decoder: bool = True
     decoder_norm_l1: bool = False
+    sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,15 +98,28 @@ class ReluSAE(UnitNormDecoderSAE):
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.decoder_weight + self.b_dec
 
+    # --- training ------------------------------------------------------------------------------
     def loss(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        return self._train_loss(x, ctx, sparse_z=False)
+
+    def loss_with_sparse_code(self, x: Tensor, ctx: TrainContext | None = None) -> LossOutput:
+        """``loss``, with ``z`` as a sparse COO tensor of its E firing entries when the step took
+        the sparse path (dense ``z`` otherwise; ``code_stats`` reads both)."""
+        return self._train_loss(x, ctx, sparse_z=True)
+
+    def _train_loss(self, x: Tensor, ctx: TrainContext | None, sparse_z: bool) -> LossOutput:
+        """L = ||x - x_hat||^2 + lambda(t) L1, through the sparse or the dense code."""
         ctx = ctx or TrainContext()
-        z = self.encode(x)
-        x_hat = self.decode(z)
-        mse = reconstruction_mse(x, x_hat)
-        if self.cfg.decoder_norm_l1:
-            l1 = (z * self.decoder_weight.norm(dim=1)).sum(-1).mean()
+        # The one dense N M d matmul (fused bias), with gradient: the dense path uses it as is.
+        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        with torch.no_grad():
+            firing = pre > 0
+            nnz = int(torch.count_nonzero(firing))
+        if self.cfg.sparse_kernels and prefer_sparse(nnz, *pre.shape):
+            z, x_hat, l1 = self._sparse_code(x, pre.detach(), firing, sparse_z)
         else:
-            l1 = z.sum(-1).mean()  # z >= 0, so |z| = z
+            z, x_hat, l1 = self._dense_code(pre)
+        mse = reconstruction_mse(x, x_hat)
         lam = l1_schedule(self.cfg.l1_coefficient, self.cfg.l1_warmup_steps, ctx.step)
         loss = mse + lam * l1
         terms = {
@@ -109,6 +129,46 @@ class ReluSAE(UnitNormDecoderSAE):
             "fvu": fvu(x, x_hat).item(),
         }
         return LossOutput(loss=loss, x_hat=x_hat, z=z, terms=terms)
+
+    def _l1_weights(self) -> Tensor | None:
+        """Per-latent L1 weight ||W_dec[i]|| (Anthropic's April 2024 update), or None for 1."""
+        return self.decoder_weight.norm(dim=1) if self.cfg.decoder_norm_l1 else None
+
+    def _dense_code(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z = ReLU(pre), x_hat = z W_dec + b_dec, L1 = mean_n sum_i z_ni w_i: O(N M d)."""
+        z = torch.relu(pre)
+        x_hat = self.decode(z)
+        w = self._l1_weights()
+        l1 = (z if w is None else z * w).sum(-1).mean()  # z >= 0, so |z| = z
+        return z, x_hat, l1
+
+    def _sparse_code(
+        self, x: Tensor, pre: Tensor, firing: Tensor, sparse_z: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The same (z, x_hat, L1) from the E entries e = (n_e, i_e) with pre > 0: O(E d).
+
+            z_e   = pre[n_e, i_e]     (> 0, so ReLU is the identity on them, with slope 1; the
+                                       other entries, and their gradients, are 0, as for the ReLU)
+            x_hat = sum_{e : n_e = n} z_e W_dec[i_e] + b_dec
+            L1    = (1/N) sum_n sum_{e : n_e = n} z_e w_{i_e}
+
+        ``selected_preacts`` gives z_e the gradient of the dense pre-activation (into x, W_enc,
+        b_enc, b_dec); tied, W_dec = W_enc^T is a view, so both gradients reach W_enc.
+        """
+        n = x.shape[0]
+        rows, cols, vals = entries_where(firing, pre)
+        z_e = selected_preacts(x, self.W_enc, self.b_enc, self.b_dec, rows, cols, vals)
+        x_hat = sparse_decode(z_e, rows, cols, self.decoder_weight, n) + self.b_dec
+        w = self._l1_weights()
+        weighted = z_e if w is None else z_e * w[cols]
+        l1 = x.new_zeros(n).index_add(0, rows, weighted).mean()  # row sums, then the mean
+        kept = z_e.detach()
+        if sparse_z:
+            indices = torch.stack([rows, cols])
+            z = torch.sparse_coo_tensor(indices, kept, pre.shape, check_invariants=False)
+        else:
+            z = torch.zeros_like(pre).index_put_((rows, cols), kept)
+        return z, x_hat, l1
 
     def unit_norm_decoder(self) -> nn.Parameter | None:
         # Tied: the decoder rows are columns of W_enc, whose gradient also carries the encoder's,

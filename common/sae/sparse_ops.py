@@ -233,8 +233,11 @@ def topk_preacts(
 # --- shared by the thresholded architectures (ReLU, gated, JumpReLU) ---------------------------
 # Above this fraction of nonzero code entries, the E d embedding-bag kernels cost more than the
 # dense (N M d) matmuls they replace, and the step takes the dense path (early ReLU training,
-# when about half the latents fire). Measured with benchmarks/bench_train.py (see its README).
-SPARSE_MAX_DENSITY = 0.1
+# when about half the latents fire). Measured on the whole ReLU train_step (d_in 384, d_sae 3072,
+# batch 4096, 2 threads, density set through b_enc, sparse and dense steps interleaved): sparse /
+# dense step time 0.52 at density 0.01, 0.70 at 0.05, 0.87-0.93 at 0.06-0.07, 1.07-1.18 at
+# 0.08-0.09, 1.26 at 0.15; the crossover lies at about 0.08.
+SPARSE_MAX_DENSITY = 0.08
 
 
 def prefer_sparse(nnz: int, n_rows: int, n_cols: int) -> bool:
@@ -249,3 +252,111 @@ def entries_where(mask: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]
     (row-major order, as ``sparse_decode`` and ``selected_preacts`` expect)."""
     rows, cols = mask.nonzero(as_tuple=True)
     return rows, cols, values[rows, cols]
+
+
+# --- BatchTopK selection and nested reconstructions (BatchTopK, Matryoshka, MSAE) ---------------
+# The sample that brackets the BatchTopK threshold takes every s-th pre-activation, s the first of
+# these primes that does not divide d_sae (so that the sample visits every latent).
+_SAMPLE_STRIDES = (67, 71, 73)
+
+
+def _sample_bound(flat: Tensor, n_keep: int, n_cols: int) -> Tensor | None:
+    """A value that about 1.25 n_keep (+ 4 standard deviations) entries of ``flat`` exceed,
+    read off a strided sample; None if that would be most of the sample (small inputs)."""
+    stride = next((s for s in _SAMPLE_STRIDES if n_cols % s), 1)
+    sample = flat[::stride]
+    expected = n_keep * sample.numel() / flat.numel()  # sample entries among the n_keep largest
+    want = int(1.25 * expected + 4 * expected**0.5) + 1
+    if 2 * want >= sample.numel():
+        return None
+    return sample.kthvalue(sample.numel() - want + 1).values  # the want-th largest
+
+
+@torch.no_grad()
+def batch_topk_entries(pre: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``n_keep`` largest entries of ``pre`` (N x M) as ``(rows, cols, vals)``, row-major:
+    the BatchTopK selection (Bussmann et al. 2024), without a topk (and a sort) over all N M.
+
+    The entries >= lo, for a value lo from a strided sample (``_sample_bound``), are candidates;
+    if there are at least n_keep of them, the n_keep largest entries are all among them (every
+    other entry is < lo), so the result is exact: theta = the n_keep-th largest candidate, the
+    candidates > theta, and the first (row-major) candidates = theta up to n_keep (ties). If the
+    sample misjudged and fewer entries pass, every entry is a candidate.
+    """
+    flat, n_cols = pre.reshape(-1), pre.shape[1]
+    n_keep = min(n_keep, flat.numel())
+    idx: Tensor | None = None
+    lo = _sample_bound(flat, n_keep, n_cols)
+    if lo is not None:
+        idx = (flat >= lo).nonzero().squeeze(1)
+        idx = idx if idx.numel() >= n_keep else None
+    cand = flat if idx is None else flat[idx]
+    theta = cand.kthvalue(cand.numel() - n_keep + 1).values
+    keep = cand > theta
+    n_ties = n_keep - int(keep.sum())
+    if n_ties > 0:
+        keep[(cand == theta).nonzero().squeeze(1)[:n_ties]] = True
+    pos = keep.nonzero().squeeze(1)
+    flat_idx = pos if idx is None else idx[pos]
+    return flat_idx.div(n_cols, rounding_mode="floor"), flat_idx.remainder(n_cols), cand[pos]
+
+
+def grouped_decode(
+    vals: Tensor, rows: Tensor, cols: Tensor, groups: Tensor, n_groups: int, W_dec: Tensor, n: int
+) -> Tensor:
+    """Each group's decode of a code split into groups, shape (n_groups, n, d):
+
+        out[g, r] = sum_{e : rows_e = r, groups_e = g} vals_e W_dec[cols_e]
+
+    as one ``sparse_decode`` of all entries onto the virtual rows groups_e * n + rows_e (ordered
+    by group, rows ascending within each): O(E d), however many groups. The prefix sums over the
+    groups are the reconstructions of nested codes (``prefix_mse``): Matryoshka SAEs (Bussmann et
+    al. 2025, paper 22) group the latents by dictionary prefix, MSAE (Zaigrajew et al. 2025,
+    paper 28) each token's entries by rank. ``rows`` must be ascending; gradients flow to ``vals``
+    and ``W_dec``.
+    """
+    order = torch.cat([(groups == g).nonzero().squeeze(1) for g in range(n_groups)])
+    virtual_rows = (groups * n + rows)[order]
+    parts = sparse_decode(vals[order], virtual_rows, cols[order], W_dec, n_groups * n)
+    return parts.view(n_groups, n, -1)
+
+
+class PrefixMSE(torch.autograd.Function):
+    """The reconstruction errors of nested codes from their groups' decodes ``parts`` (G, N, d):
+
+        r_g   = target - sum_{j <= g} parts_j           (target = x - b_dec)
+        mse_g = ||r_g||^2 / N                            (``reconstruction_mse`` of prefix g)
+
+    Backward, with a_g = (2 / N) dL/dmse_g r_g and A_j = sum_{g >= j} a_g:
+        dL/dparts_j = -A_j,   dL/dtarget = A_0.
+    Autograd through a cumulative sum and G separate MSEs makes about 20 passes over the
+    G x N x d residuals; this makes 6. Also returns r_G (the residual of the full code), detached.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, target: Tensor, parts: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        n = target.shape[0]
+        r = parts.cumsum(0)
+        torch.sub(target, r, out=r)
+        flat = r.view(r.shape[0], 1, -1)
+        mses = torch.bmm(flat, flat.transpose(1, 2)).view(-1) / n
+        ctx.save_for_backward(r)
+        residual = r[-1].clone()
+        ctx.mark_non_differentiable(residual)
+        return mses, residual
+
+    @staticmethod
+    def backward(ctx, grad_mses: Tensor, _grad_residual: Tensor):  # type: ignore[override]
+        (r,) = ctx.saved_tensors
+        a = r * (grad_mses * (2.0 / r.shape[1])).view(-1, 1, 1)
+        for g in range(r.shape[0] - 2, -1, -1):  # A_g = a_g + A_{g+1}, in place
+            a[g] += a[g + 1]
+        grad_target = a[0].clone() if ctx.needs_input_grad[0] else None
+        return grad_target, a.neg_()
+
+
+def prefix_mse(target: Tensor, parts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mse_g for every prefix g, the last residual r_G)``; see ``PrefixMSE``."""
+    return PrefixMSE.apply(target, parts)

@@ -51,7 +51,14 @@ from common.sae.base import (
     unit_norm_rows_,
 )
 from common.sae.registry import register
-from common.sae.sparse_ops import Workspace, selected_preacts, sparse_decode, topk_preacts
+from common.sae.sparse_ops import (
+    Workspace,
+    batch_topk_entries,
+    prefer_sparse,
+    selected_preacts,
+    sparse_decode,
+    topk_preacts,
+)
 from common.sae.sparsity import batch_topk_activation, topk_activation
 
 
@@ -296,14 +303,20 @@ class BatchTopKSAE(TopKSAE):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def select(self, x: Tensor, dead: Tensor | None) -> tuple[Selection, Selection | None]:
+        """The B*k largest pre-activations of the batch (``batch_topk_entries``: exact, without a
+        topk and a sort over all B*M of them), and the AuxK entries if ``dead`` is given."""
         n, m = x.shape[0], self.cfg.d_sae
         pre = self._workspace.get(n * m, x).view(n, m)
         torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=pre)
-        n_keep = min(self.cfg.k * pre.shape[0], pre.numel())
-        flat = pre.flatten().topk(n_keep, sorted=False).indices.sort().values
-        rows, cols = flat.div(pre.shape[1], rounding_mode="floor"), flat.remainder(pre.shape[1])
-        sel = Selection(rows, cols, pre.flatten()[flat])
+        sel = Selection(*batch_topk_entries(pre, self.cfg.k * n))
         return sel, (_aux_selection(pre, dead, self.cfg.k_aux or 0) if dead is not None else None)
+
+    def _codes_sparse(self, x: Tensor, dead: Tensor | None, dense_z: bool = True) -> Codes:
+        """The sparse kernels while k / d_sae is a sparse enough code (``prefer_sparse``), the
+        dense path otherwise (same values and gradients)."""
+        if not prefer_sparse(self.cfg.k * x.shape[0], x.shape[0], self.cfg.d_sae):
+            return self._codes_dense(x, dead, dense_z)
+        return super()._codes_sparse(x, dead, dense_z)
 
     @torch.no_grad()
     def update_threshold(self, kept: Tensor) -> None:
