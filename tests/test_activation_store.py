@@ -482,3 +482,19 @@ def test_train_cli_on_a_damaged_store(tmp_path: Path, damage: str, match: str) -
     argv += ["--steps", "6", "--batch-size", "64", "--out", str(tmp_path / "run"), "--quiet"]
     with pytest.raises(SystemExit, match=match):
         main(argv)
+
+
+def test_evals_cli_on_a_damaged_store(tmp_path: Path) -> None:
+    """The evaluation reads a store through the same checksum check: a flipped byte in one shard
+    is an ``error:`` naming the shard, and no metrics are written from the damaged data."""
+    from common.evals.evaluate import main
+    from common.sae.registry import build_sae
+
+    sae = build_sae("relu", d_in=8, d_sae=16).save(tmp_path / "sae")
+    _write(tmp_path / "store", _data(512, d=8))
+    _flip(tmp_path / "store" / "shard_00001.bin")
+    out = tmp_path / "metrics.json"
+    argv = ["--sae", str(sae), "--data", str(tmp_path / "store"), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"^error: .*shard_00001\.bin fails its sha256 checksum"):
+        main(argv)
+    assert not out.exists()

@@ -4,7 +4,7 @@ Tiny random transformers (saved with ``save_pretrained`` and read back through `
 code path of real models) and hand-built SAEs whose answers are known: an identity SAE must leave
 the LM untouched, a zero SAE must equal zero-ablation, an SAE with planted absorbing latents must
 show exactly the planted absorption. One test runs on the real SmolLM2 when its converted cache
-(``data/models``) exists; it never converts the GGUF itself.
+(``data/lm/models``) exists; it never converts the GGUF itself.
 """
 
 from __future__ import annotations

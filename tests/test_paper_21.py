@@ -1,15 +1,21 @@
-"""Unit tests of papers/21_universal/usae.py (universal SAEs) on hand-made inputs."""
+"""Unit tests of papers/21_universal/usae.py (the steps around the registered `universal` SAE)
+on hand-made inputs."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from common.sae import build_sae
+from common.sae.universal import concat_models
+from common.train import TensorBatches, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("paper21_usae", ROOT / "papers/21_universal/usae.py")
@@ -18,49 +24,26 @@ sys.modules["paper21_usae"] = usae
 _spec.loader.exec_module(usae)
 
 
-def test_encode_keeps_k_nonnegative_and_decoder_rows_are_jointly_unit():
-    model = usae.UniversalSAE([3, 5], d_sae=8, k=2, seed=0)
-    with torch.no_grad():
-        model.b_enc[0].fill_(10.0)  # every pre-activation positive: TopK keeps exactly k
-    z = model.encode(torch.randn(4, 3), 0)
-    assert ((z > 0).sum(1) == 2).all() and (z >= 0).all()
-    joint = torch.cat(list(model.W_dec), 1).norm(dim=1)
-    assert torch.allclose(joint, torch.ones(8), atol=1e-6)
-    with torch.no_grad():
-        model.W_dec[1].mul_(3.0)
-    model.normalize_decoder_()
-    assert torch.allclose(torch.cat(list(model.W_dec), 1).norm(dim=1), torch.ones(8), atol=1e-6)
-    with pytest.raises(ValueError, match="at least 2 models"):
-        usae.UniversalSAE([3], d_sae=8, k=2)
-    with pytest.raises(ValueError, match="k must be"):
-        usae.UniversalSAE([3, 5], d_sae=8, k=9)
-
-
-def test_loss_sums_the_reconstruction_error_of_every_model_from_one_code():
-    model = usae.UniversalSAE([2, 3], d_sae=4, k=4, seed=0)
-    xs = [torch.randn(6, 2), torch.randn(6, 3)]
-    loss, terms = model.loss(xs, 1)
-    z = model.encode(xs[1], 1)
-    expected = [(x - model.decode(z, j)).pow(2).sum(-1).mean() for j, x in enumerate(xs)]
-    assert torch.allclose(terms, torch.stack(expected).detach())
-    assert loss.item() == pytest.approx(sum(e.item() for e in expected), rel=1e-6)
-
-
 def test_cross_reconstruction_matrix_of_a_hand_built_usae():
     # Model 0 is x, model 1 is 2x (same information): a USAE whose code is ReLU of +-x
     # reconstructs both exactly from either side (FVU 0 everywhere).
-    model = usae.UniversalSAE([1, 1], d_sae=2, k=2, seed=0)
+    model = build_sae("universal", d_in=2, d_sae=2, k=2, d_models=[1, 1])
     with torch.no_grad():
         for m, scale in enumerate((1.0, 2.0)):
             model.W_enc[m].copy_(torch.tensor([[1.0, -1.0]]) / scale)
             model.b_enc[m].zero_()
-            model.b_pre[m].zero_()
-        model.W_dec[0].copy_(torch.tensor([[1.0], [-1.0]]))
-        model.W_dec[1].copy_(torch.tensor([[2.0], [-2.0]]))
+        model.b_dec.zero_()
+        model.W_dec.copy_(torch.tensor([[1.0, 2.0], [-1.0, -2.0]]))  # columns: model 0, model 1
     x = torch.linspace(-1, 1, 11)[:, None]
     fvu = usae.cross_reconstruction_fvu(model, [x, 2 * x])
     assert np.allclose(fvu, 0.0, atol=1e-10)
     assert usae.off_diagonal_mean(np.array([[0.1, 0.3], [0.5, 0.2]])) == pytest.approx(0.4)
+    # a wrong model changes the matrix: model 1 decoded with a flipped sign is far off
+    with torch.no_grad():
+        model.W_dec[:, 1].neg_()
+    assert usae.cross_reconstruction_fvu(model, [x, 2 * x])[0, 1] > 1.0
+    with pytest.raises(ValueError, match="has 2 models"):
+        usae.codes(model, [x])
 
 
 def test_cofiring_and_firing_entropy_by_hand():
@@ -109,6 +92,24 @@ def test_standardizer_and_ridge_recover_a_linear_map():
     assert torch.allclose(b, torch.tensor([0.3, -0.7]), atol=1e-3)
 
 
+def _train_usae(xs, seed=0):
+    """The notebook's training: the registered `universal` SAE on [A_1 | A_2] by common.train."""
+    cfg = TrainConfig(
+        architecture="universal",
+        sae={"d_sae": 12, "k": 4, "d_models": [x.shape[1] for x in xs]},
+        steps=100,
+        batch_size=128,
+        lr=0.02,
+        lr_warmup_steps=5,
+        lr_decay_fraction=0.2,
+        checkpoint_every=100,
+        seed=seed,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        batches = TensorBatches(concat_models(xs), 128, seed)
+        return train(cfg, batches, out, resume=False, progress=False)
+
+
 def test_training_on_shared_data_beats_shuffled_pairing():
     # Two "models" that are different linear views of one sparse source: a USAE trained on the
     # paired rows reconstructs across models far better than one trained with the pairing shuffled.
@@ -116,13 +117,11 @@ def test_training_on_shared_data_beats_shuffled_pairing():
     src = torch.relu(torch.randn(600, 6, generator=g)) * (torch.rand(600, 6, generator=g) < 0.3)
     xs = [src @ torch.randn(6, 8, generator=g), src @ torch.randn(6, 10, generator=g)]
     xs = [usae.Standardizer.fit(x)(x) for x in xs]
-    paired = usae.train_usae(xs, d_sae=12, k=4, steps=100, batch_size=128, lr=0.02, seed=0)
-    control = usae.train_usae(
-        usae.shuffle_pairing(xs, 0), d_sae=12, k=4, steps=100, batch_size=128, lr=0.02, seed=0
-    )
-    cross = usae.off_diagonal_mean(usae.cross_reconstruction_fvu(paired.model, xs))
-    cross_control = usae.off_diagonal_mean(usae.cross_reconstruction_fvu(control.model, xs))
+    paired = _train_usae(xs)
+    control = _train_usae(usae.shuffle_pairing(xs, 0))
+    cross = usae.off_diagonal_mean(usae.cross_reconstruction_fvu(paired, xs))
+    cross_control = usae.off_diagonal_mean(usae.cross_reconstruction_fvu(control, xs))
     assert cross < 0.5 * cross_control
-    assert set(paired.picked) == {0, 1}
+    assert {paired.model_for_step(t) for t in range(100)} == {0, 1}  # both encoders trained
     with pytest.raises(ValueError, match="paired"):
-        usae.train_usae([xs[0], xs[1][:5]], d_sae=4, k=2, steps=1, batch_size=4, lr=0.01, seed=0)
+        concat_models([xs[0], xs[1][:5]])

@@ -77,6 +77,33 @@ def test_command_line_rerun_with_another_lr_stops_and_says_how_to_start_over(toy
     assert "lr: 0.001" in (tmp_path / "r" / "live" / "params.yaml").read_text()  # untouched
 
 
+@pytest.mark.parametrize("kind", ["npy", "store"])
+def test_command_line_rerun_on_other_data_is_refused(toy_x, tmp_path, kind):
+    """Same settings, another --data (same shape, the rows in another order): stop and say so;
+    the old weights stay; --no-resume, the fix the message names, trains on the new data."""
+    from common.activations.store import ActivationStoreWriter
+
+    def data(name: str, x: torch.Tensor) -> Path:
+        if kind == "npy":
+            np.save(tmp_path / f"{name}.npy", x.numpy())
+            return tmp_path / f"{name}.npy"
+        with ActivationStoreWriter(tmp_path / name, d=16, shard_tokens=512, metadata={}) as w:
+            w.append(x)
+        return tmp_path / name
+
+    a, b = data("a", toy_x), data("b", toy_x.flip(0))
+    args = ["--arch", "relu", "--out", str(tmp_path / "r"), "--steps", "6", "--batch-size", "64"]
+    args += ["--d_sae", "16", "--quiet"]
+    weights = tmp_path / "r" / "sae" / "sae.safetensors"
+    main(["--data", str(a), *args])
+    first = weights.read_bytes()
+    with pytest.raises(SystemExit, match=r"(?s)cannot resume.*\n  data\..*--no-resume"):
+        main(["--data", str(b), *args])
+    assert weights.read_bytes() == first
+    main(["--data", str(b), *args, "--no-resume"])
+    assert weights.read_bytes() != first
+
+
 def test_settings_that_do_not_change_the_weights_may_change_on_resume(toy_x, tmp_path):
     full = _run(_cfg(), toy_x, tmp_path / "full")
     _run(_cfg(), toy_x, tmp_path / "cut", stop_after=13)
@@ -247,6 +274,34 @@ def test_damaged_checkpoint_on_resume_says_to_start_over(toy_x, tmp_path, damage
 def test_bad_settings_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(architecture="relu", **setting)
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--lr-warmup-steps", "-5"], "`lr_warmup_steps` must be a non-negative integer.*-5"),
+        (["--grad-clip", "nan"], "`grad_clip` must be a finite number.*nan"),
+    ],
+)
+def test_command_line_refuses_bad_warmup_and_grad_clip(toy_x, tmp_path, flag, message):
+    np.save(tmp_path / "acts.npy", toy_x.numpy())
+    args = ["--data", str(tmp_path / "acts.npy"), "--arch", "relu", "--out", str(tmp_path / "r")]
+    args += ["--steps", "4", "--batch-size", "64", "--d_sae", "16", "--quiet", *flag]
+    with pytest.raises(SystemExit, match=f"^error: train config: {message}"):
+        main(args)
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_cuda_without_cuda_on_real_data_is_an_error_not_a_traceback(toy_x, tmp_path, monkeypatch):
+    """With a readable data file (the other test's file is absent): `error:`, not torch's
+    AssertionError from moving the SAE to a device that does not exist."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    np.save(tmp_path / "acts.npy", toy_x.numpy())
+    args = ["--data", str(tmp_path / "acts.npy"), "--arch", "relu", "--out", str(tmp_path / "r")]
+    args += ["--steps", "4", "--batch-size", "64", "--d_sae", "16", "--quiet", "--device", "cuda"]
+    with pytest.raises(SystemExit, match="^error: `device` is 'cuda' but this machine has no CUDA"):
+        main(args)
+    assert not (tmp_path / "r" / "sae").exists()
 
 
 def test_grad_clip_zero_or_less_still_disables_clipping():

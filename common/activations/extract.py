@@ -1,16 +1,16 @@
 """Extract activations at named sites into the on-disk store: one forward pass fills every site.
 
     python -m common.activations.extract --model smollm2-135m --sites resid_post.6,mlp_out.6 \\
-        --corpus wordnet --n-tokens 100000 --context-len 128 --out data/activations/smollm2_wordnet
+        --corpus wordnet --n-tokens 100000 --context-len 128 --out data/lm/train
 
 writes one store per site (``<out>/<site>/``, see ``common.activations.store``) and
 ``<out>/extraction.json``.
 
 What ``extract`` does for each input batch:
 
-1. Hooks on the requested sites (``common.models.sites``) copy the site tensors; the hook that
-   completes the set raises a private ``_StopForward``, so the layers after the deepest site (and
-   the LM head) never run.
+1. ``common.hooks.capture(..., stop=True)`` on the requested sites copies the site tensors; the
+   hook that completes the set raises ``hooks.StopForward``, so the layers after the deepest site
+   (and the LM head) never run.
 2. Tokens: a (B, T, d) site keeps the positions where ``keep`` (the batch's own mask, its
    ``attention_mask`` for padding, and ``t >= drop_first``) is true, in row-major order. SmolLM2's
    position 0 (the BOS attention sink) has a residual norm ~100x the others and would dominate an
@@ -40,13 +40,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from common.models.sites import ResolvedSite, resolve_site, tokens_from
+from common import hooks
+from common.hooks import tokens_from
 
 Batch = Tensor | Mapping[str, Tensor]
-
-
-class _StopForward(Exception):
-    """Raised by the last hook of a forward pass: everything after the deepest site is skipped."""
 
 
 @dataclass
@@ -103,38 +100,19 @@ def prepare_batch(batch: Batch, drop_first: int) -> tuple[tuple, dict[str, Any],
     return (), kwargs, keep
 
 
-class _Capture:
-    """Hooks on several sites; raises ``_StopForward`` once every site has fired."""
-
-    def __init__(self, model: nn.Module, sites: list[str]) -> None:
-        self.resolved: dict[str, ResolvedSite] = {s: resolve_site(model, s) for s in sites}
-        self.tensors: dict[str, Tensor] = {}
-        self.handles = [r.register(self._hook(s)) for s, r in self.resolved.items()]
-
-    def _hook(self, site: str):  # noqa: ANN202 - a closure over ``site``
-        def fn(x: Tensor) -> None:
-            self.tensors[site] = x.detach()
-            if len(self.tensors) == len(self.resolved):
-                raise _StopForward
-
-        return fn
-
-    def run(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Tensor]:
-        """Forward until the last site; return ``{site: tensor}`` (sequence or spatial layout)."""
-        self.tensors = {}
-        try:
-            model(*args, **kwargs)
-        except _StopForward:
-            pass
-        if len(self.tensors) != len(self.resolved):
-            missing = sorted(set(self.resolved) - set(self.tensors))
-            raise RuntimeError(f"the forward pass never reached site(s) {missing}")
-        out, self.tensors = self.tensors, {}
-        return out
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _run_sites(
+    capture: hooks.Capture, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> dict[str, Tensor]:
+    """One forward pass until the deepest site (``hooks.StopForward``); ``{site: tensor}``."""
+    capture.clear()
+    try:
+        model(*args, **kwargs)
+    except hooks.StopForward:
+        pass
+    missing = [s for s, tensors in capture.tensors.items() if not tensors]
+    if missing:
+        raise RuntimeError(f"the forward pass never reached site(s) {missing}")
+    return {s: capture.last(s) for s in capture.sites}
 
 
 def _forward_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -165,18 +143,15 @@ def probe_sites(model: Any, sites: list[str], batch: Batch, drop_first: int = 1)
     """Width ``d`` of each site's tokens, from one forward pass on ``batch``."""
     net = _unwrap(model)
     args, kwargs, keep = prepare_batch(batch, drop_first)
-    capture = _Capture(net, sites)
-    try:
-        device = _device(net)
-        with torch.inference_mode():
-            tensors = capture.run(
-                net,
-                tuple(a.to(device) for a in args),
-                _forward_kwargs(net, {k: v.to(device) for k, v in kwargs.items()}),
-            )
-    finally:
-        capture.remove()
-    return {s: tokens_from(t, capture.resolved[s].layout).shape[-1] for s, t in tensors.items()}
+    device = _device(net)
+    with hooks.capture(net, sites, stop=True) as capture, torch.inference_mode():
+        tensors = _run_sites(
+            capture,
+            net,
+            tuple(a.to(device) for a in args),
+            _forward_kwargs(net, {k: v.to(device) for k, v in kwargs.items()}),
+        )
+    return {s: tokens_from(t, capture.sites[s].layout).shape[-1] for s, t in tensors.items()}
 
 
 def extract(
@@ -218,8 +193,7 @@ def extract(
     result = ExtractionResult(tokens=dict(done))
     start = time.perf_counter()
 
-    capture = _Capture(net, sites)
-    bar = tqdm(
+    progress_bar = tqdm(
         total=n_tokens,  # tokens per site; the bar follows the site with the fewest
         initial=int(min(min(done[s], target) for s in sites)),
         disable=not progress,
@@ -227,12 +201,12 @@ def extract(
         desc="extract",
         dynamic_ncols=True,
     )
-    try:
+    with hooks.capture(net, sites, stop=True) as capture, progress_bar as bar:
         for batch in batches:
             if len(finished) == len(sites):
                 break
             args, kwargs, keep = prepare_batch(batch, drop_first)
-            layouts = {s: capture.resolved[s].layout for s in sites}
+            layouts = {s: capture.sites[s].layout for s in sites}
             count: dict[str, int | None] = {}
             for s in sites:
                 if keep is None or layouts[s] == "spatial":
@@ -252,7 +226,8 @@ def extract(
                 continue
 
             with torch.inference_mode():
-                tensors = capture.run(
+                tensors = _run_sites(
+                    capture,
                     net,
                     tuple(a.to(device) for a in args),
                     _forward_kwargs(net, {k: v.to(device) for k, v in kwargs.items()}),
@@ -280,9 +255,6 @@ def extract(
                         finished.add(s)
                 position[s] += n
             bar.update(int(min(min(done[s], target) for s in sites)) - bar.n)
-    finally:
-        capture.remove()
-        bar.close()
     if close:
         for s in sites:
             if not getattr(stores[s], "complete", False) and done[s] > 0:
@@ -392,7 +364,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.model} has no tokenizer: this command extracts text models only")
     loaded.model.to(args.device)
     for site in sites:
-        resolve_site(loaded.model, site)  # fail early, with the list of valid sites
+        hooks.resolve_site(loaded.model, site)  # fail early, with the list of valid sites
 
     corpus = load_corpus(args.corpus, args.split, args.seed, args.max_docs)
     windows, keep = _windows_for(corpus.texts, loaded.tokenizer, args)

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common import hooks
 from common.evals.downstream import (
     bos_token_id,
     model_device,
@@ -71,7 +72,7 @@ from common.evals.downstream import (
     site_activations,
     unwrap_model,
 )
-from common.models.sites import ResolvedSite
+from common.hooks import Site
 from common.sae.base import SAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -79,10 +80,6 @@ DEFAULT_PREFIX = (
     "tree has the first letter: T\nhouse has the first letter: H\nwater has the first letter: W\n"
 )
 EPS = 1e-8
-
-
-class _StopAtSite(Exception):
-    """Raised by a capture hook: the layers after the site never run."""
 
 
 def first_letter_vocab(tokenizer: Any, min_letters: int = 2) -> tuple[list[int], list[str]]:
@@ -104,7 +101,7 @@ def _cache_keyword(net: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
 
 
-def _prefix_cache(net: nn.Module, resolved: ResolvedSite, head: Sequence[int]) -> Any | None:
+def _prefix_cache(net: nn.Module, resolved: Site, head: Sequence[int]) -> Any | None:
     """Keys and values of ``head`` (the shared prefix), or None when the model keeps no cache.
 
     The forward pass stops at the site, so only the layers up to it are filled; that is all the
@@ -118,28 +115,21 @@ def _prefix_cache(net: nn.Module, resolved: ResolvedSite, head: Sequence[int]) -
     if not getattr(config, "use_cache", False) or not getattr(config, "is_decoder", True):
         return None
     cache = DynamicCache(config=config)
-    captured: list[Tensor] = []
-
-    def grab(x: Tensor) -> None:
-        captured.append(x)
-        raise _StopAtSite
-
-    handle = resolved.register(grab)
+    ids = torch.tensor([list(head)], device=model_device(net))
     try:
-        ids = torch.tensor([list(head)], device=model_device(net))
-        net(input_ids=ids, use_cache=True, **{_cache_keyword(net): cache})
-    except _StopAtSite:
-        pass
-    except (TypeError, ValueError):  # a model whose forward takes no cache
+        hooks.run_until(
+            net,
+            [resolved],
+            lambda: net(input_ids=ids, use_cache=True, **{_cache_keyword(net): cache}),
+        )
+    except (TypeError, ValueError, RuntimeError):  # a model whose forward takes no cache
         return None
-    finally:
-        handle.remove()
-    return cache if captured and cache.get_seq_length() == len(head) else None
+    return cache if cache.get_seq_length() == len(head) else None
 
 
 @torch.no_grad()
 def _word_activations_cached(
-    net: nn.Module, resolved: ResolvedSite, cache: Any, token_ids: Sequence[int], batch_size: int
+    net: nn.Module, resolved: Site, cache: Any, token_ids: Sequence[int], batch_size: int
 ) -> Tensor:
     """The site's activation at one word token appended to the cached prefix, batch by batch."""
     device = model_device(net)
@@ -148,21 +138,13 @@ def _word_activations_cached(
         words = torch.tensor(list(token_ids[start : start + batch_size]), dtype=torch.long)
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(len(words))
-        captured: list[Tensor] = []
-
-        def grab(x: Tensor, captured: list[Tensor] = captured) -> None:
-            captured.append(x.detach())
-            raise _StopAtSite
-
-        handle = resolved.register(grab)
-        try:
-            ids = words[:, None].to(device)
-            net(input_ids=ids, use_cache=True, **{_cache_keyword(net): batch_cache})
-        except _StopAtSite:
-            pass
-        finally:
-            handle.remove()
-        out.append(captured[0][:, -1].float().cpu())
+        ids = words[:, None].to(device)
+        acts = hooks.run_until(
+            net,
+            [resolved],
+            lambda: net(input_ids=ids, use_cache=True, **{_cache_keyword(net): batch_cache}),
+        )[resolved.name]
+        out.append(acts[:, -1].float().cpu())
     return torch.cat(out)
 
 

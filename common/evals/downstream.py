@@ -31,20 +31,17 @@ passed, else every position except position 0 (the BOS).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.models.sites import ResolvedSite, resolve_site
+from common import hooks
+from common.hooks import Site, resolve_site
 from common.sae.base import SAE
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook: the layers after the site never run."""
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -66,9 +63,9 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def sequence_site(model: Any, site: str | ResolvedSite) -> ResolvedSite:
+def sequence_site(model: Any, site: str | Site) -> Site:
     """Resolve ``site`` and check it is a (B, T, d) site of a transformer (not a CNN map)."""
-    resolved = site if isinstance(site, ResolvedSite) else resolve_site(unwrap_model(model), site)
+    resolved = site if isinstance(site, Site) else resolve_site(unwrap_model(model), site)
     if resolved.layout != "sequence" or resolved.transform is not None:
         raise ValueError(
             f"site {resolved.name!r} is a spatial CNN site; LM evaluations need a transformer "
@@ -88,61 +85,20 @@ def _call(net: nn.Module, ids: Tensor, attention_mask: Tensor | None) -> Any:
 
 @torch.no_grad()
 def site_activations(
-    model: Any, site: str | ResolvedSite, ids: Tensor, attention_mask: Tensor | None = None
+    model: Any, site: str | Site, ids: Tensor, attention_mask: Tensor | None = None
 ) -> Tensor:
     """The (B, T, d) tensor at ``site`` for token ids (B, T); the layers after it are skipped."""
     net = unwrap_model(model)
     resolved = sequence_site(net, site)
-    captured: list[Tensor] = []
-
-    def grab(x: Tensor) -> None:
-        captured.append(x.detach())
-        raise _StopForward
-
-    handle = resolved.register(grab)
     device = model_device(net)
-    try:
-        mask = None if attention_mask is None else attention_mask.to(device)
-        _call(net, ids.to(device), mask)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"the forward pass never reached site {resolved.name!r}")
-    return captured[0]
+    mask = None if attention_mask is None else attention_mask.to(device)
+    return hooks.run_until(net, [resolved], lambda: _call(net, ids.to(device), mask))[resolved.name]
 
 
-@contextmanager
-def replace_at_site(resolved: ResolvedSite, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """While active, the site's tensor a (B, T, d) is replaced by ``fn(a)`` in every forward pass.
-
-    An ``"output"`` site rewrites the module's output (the first element of a tuple output); an
-    ``"input"`` site rewrites the module's first input with a forward pre-hook.
-    """
-    if resolved.kind == "input":
-
-        def pre_hook(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
-            return args, {**kwargs, key: fn(kwargs[key])}
-
-        handle = resolved.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-
-        def hook(_: nn.Module, args: tuple, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (fn(output[0]), *output[1:])
-            if isinstance(output, list):
-                return [fn(output[0]), *output[1:]]
-            return fn(output)
-
-        handle = resolved.module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+def replace_at_site(site: Site, fn: Callable[[Tensor], Tensor]) -> AbstractContextManager[Site]:
+    """While active, the site's tensor a (B, T, d) is replaced by ``fn(a)`` in every forward pass
+    (``common.hooks.replace``)."""
+    return hooks.replace(site.module, site, fn)
 
 
 def _splice(keep: Tensor, values: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -235,7 +191,7 @@ def _kl(clean_logp: Tensor, logp: Tensor) -> Tensor:
 
 @torch.no_grad()
 def site_mean(
-    model: Any, site: str | ResolvedSite, ids: Tensor, keep: Tensor, batch_size: int = 4
+    model: Any, site: str | Site, ids: Tensor, keep: Tensor, batch_size: int = 4
 ) -> Tensor:
     """mu = mean of the site's tensor over the kept positions of all windows (float64 sums)."""
     total, count = None, 0

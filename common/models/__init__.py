@@ -1,12 +1,12 @@
 """Models loaded offline or by hub name (``load_model``) and their named hook sites."""
 
+from common.hooks import Site, list_sites, resolve_site, tokens_from
 from common.models.loading import BUILTIN_MODELS, LoadedModel, load_model
-from common.models.sites import ResolvedSite, list_sites, resolve_site, tokens_from
 
 __all__ = [
     "BUILTIN_MODELS",
     "LoadedModel",
-    "ResolvedSite",
+    "Site",
     "list_sites",
     "load_model",
     "resolve_site",

@@ -1,4 +1,4 @@
-"""``python -m common.models convert-smollm2 --cache-dir data/models``: the one-off GGUF conversion.
+"""``python -m common.models convert-smollm2 --cache-dir data/lm/models``: the GGUF conversion.
 
 The pipeline runs it as a stage so the dequantized safetensors copy lives in the DVC cache and every
 extraction reuses it.

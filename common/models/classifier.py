@@ -11,7 +11,7 @@ standardised inside the model with the Fashion-MNIST mean and standard deviation
 
 Command line::
 
-    python -m common.models.classifier train --out runs/classifier --epochs 3 --seed 0 \
+    python -m common.models.classifier train --out data/diffusion/classifier --epochs 3 --seed 0 \
         --metrics metrics/classifier.json
 """
 

@@ -26,7 +26,7 @@ behaviour (SpLiCE's concept vocabulary, paper 3) should say so, or run the hub p
 API used by the CLIP papers; ``HubCLIP`` gives a real transformers CLIP the same methods, and
 ``load_clip(spec)`` picks one from the pipeline's parameter (a run folder or a hub name):
 
-    model = load_clip("runs/clip_style")  # CLIPStyleModel: heads; the towers load on first use
+    model = load_clip("data/vision/clip_style")  # CLIPStyleModel; the towers load on first use
     model.image_tokens(images)   # ImageTokens(patches (B, 49, 1280), pooled (B, 1280))
     model.image_features(images) # pooled tower features (B, 1280)
     model.encode_image(images)   # projected, normalised (B, D)
@@ -37,8 +37,8 @@ Images: uint8 in [0, 255] or float in [0, 1]; shapes (B, H, W), (B, 1, H, W) or 
 images are replicated to 3 channels, everything is resized (bilinear, antialiased) to
 ``image_size``. Command line (writes the heads, config.json and a metrics JSON):
 
-    python -m common.models.clip_style train --out runs/clip_style --n-train 2000 --n-test 1000 \\
-        --epochs 30 --seed 0 --metrics metrics/clip_style.json
+    python -m common.models.clip_style train --out data/vision/clip_style --n-train 2000 \\
+        --n-test 1000 --epochs 30 --seed 0 --metrics metrics/clip_style.json
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.data.images import ImageSet, load_image_set
+from common.hooks import tokens_from
 from common.models.loading import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -71,7 +72,6 @@ from common.models.loading import (
     _normalizer,
     load_model,
 )
-from common.models.sites import tokens_from
 
 WEIGHTS_FILE = "clip_style.safetensors"
 CONFIG_FILE = "config.json"
@@ -202,7 +202,7 @@ def to_pixels(images: Tensor | np.ndarray, size: int) -> Tensor:
 class ImageTower:
     """Frozen EfficientNet-Lite0: pixels -> final 1280-channel map (after head conv, BN, swish).
 
-    The map is what ``common.models.sites`` calls site ``features``; EfficientNet's own global
+    The map is what ``common.hooks`` calls site ``features``; EfficientNet's own global
     average pool of it is ``pooled``. Runs in channels-last memory format (same numbers to 3e-5;
     1.8x less CPU time at 224 px than contiguous on this machine).
     """
@@ -570,8 +570,8 @@ class HubCLIP(nn.Module):
 
 def load_clip(spec: str | Path, *, allow_download: bool = False) -> CLIPStyleModel | HubCLIP:
     """The CLIP the pipeline's ``clip`` parameter names: a trained CLIP-style run folder (default
-    profile, e.g. ``runs/clip_style``) or a hub CLIP (``openai/clip-vit-base-patch16``, GPU/hub
-    profile). Both answer image_tokens / image_features / encode_image / encode_text."""
+    profile, e.g. ``data/vision/clip_style``) or a hub CLIP (``openai/clip-vit-base-patch16``,
+    GPU/hub profile). Both answer image_tokens / image_features / encode_image / encode_text."""
     path = Path(spec)
     if (path / WEIGHTS_FILE).is_file():
         return CLIPStyleModel.load(path)
@@ -774,15 +774,16 @@ def shared_image_features(
     n: int,
     seed: int = 0,
     *,
-    cache_dir: str | Path = "runs/image_features",
+    cache_dir: str | Path = "data/vision/image_features",
     image_size: int | None = None,
-    clip_dir: str | Path = "runs/clip_style",
+    clip_dir: str | Path = "data/vision/clip_style",
     tower: ImageTower | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, ImageSet]:
     """Pooled EfficientNet-Lite0 features (N, 1280) of a seeded subset, and the subset itself.
 
-    Reads the feature cache that the ``train_clip_style`` stage writes (``runs/image_features``:
+    Reads the feature cache that the ``train_clip_style`` stage writes
+    (``data/vision/image_features``:
     ``clip_style.n_train`` / ``n_test`` images per dataset, ``seed``), so vision papers do not
     re-run the image tower on the same images. A subset with the same seed and ``n`` no larger than
     the stage's reuses its full chunks; anything missing is computed (and not written back).

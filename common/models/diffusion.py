@@ -47,9 +47,10 @@ A Stable Diffusion 1.x/2.x or SDXL (Turbo) pipeline loads behind the same API by
 
 Command line::
 
-    python -m common.models.diffusion train --out runs/diffusion --steps 1200 --seed 0 \
+    python -m common.models.diffusion train --out data/diffusion/unet --steps 1200 --seed 0 \
         --metrics metrics/diffusion.json
-    python -m common.models.diffusion sample --model runs/diffusion --classifier runs/classifier \
+    python -m common.models.diffusion sample --model data/diffusion/unet \
+        --classifier data/diffusion/classifier \
         --per-class 16 --steps 10 --out figures/diffusion
 """
 
@@ -74,8 +75,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from common.hooks import tokens_from
 from common.models.loading import LoadedModel, load_model
-from common.models.sites import tokens_from
 
 CAPTION_TEMPLATES = (
     "a photo of a {}",

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-DEFAULT_CACHE_DIR = ROOT / "data" / "models"
+DEFAULT_CACHE_DIR = ROOT / "data" / "lm" / "models"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1-dequant"
 GEMMA3_CACHE_NAME = "gemma-3-270m-q4_k_m-dequant"
@@ -82,7 +82,7 @@ class LoadedModel:
 
     @property
     def sites(self) -> list[str]:
-        from common.models.sites import list_sites
+        from common.hooks import list_sites
 
         return list_sites(self.model)
 

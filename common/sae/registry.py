@@ -24,6 +24,7 @@ _ARCHITECTURE_MODULES = (
     "common.sae.switch",
     "common.sae.archetypal",
     "common.sae.mp",
+    "common.sae.universal",
 )
 
 

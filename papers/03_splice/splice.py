@@ -291,3 +291,130 @@ def linearity_scores(
         "single": float(single.mean()),
         "control": cosine(composite, other),
     }
+
+
+# --- the notebook's steps ------------------------------------------------------------------------
+def eval_picks(
+    emb_test: dict[str, Tensor], datasets: Sequence[str], n_eval: int, seed: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each seed's evaluation images: ``n_eval`` test rows per dataset (sorted), and the dataset
+    of every row of their concatenation."""
+    rng = np.random.default_rng(seed)
+    picks = {
+        n: np.sort(rng.choice(len(emb_test[n]), min(n_eval, len(emb_test[n])), replace=False))
+        for n in datasets
+    }
+    part = np.concatenate([[n] * len(picks[n]) for n in datasets])
+    return picks, part
+
+
+def path_row(
+    r: dict, e_eval: Tensor, part: np.ndarray, class_weights: dict, labels: dict
+) -> dict[str, float]:
+    """One lambda of a SpLiCE path: L0, cosine to the embeddings, and per dataset the zero-shot
+    accuracy of the reconstruction (``acc_``), of the original embeddings (``orig_``) and L0."""
+    row = {
+        "lam": r["lam"],
+        "l0": l0(r["w"]),
+        "cosine": cosine(r["z_hat"], e_eval),
+        "iterations": r["iterations"],
+    }
+    for n, lab in labels.items():
+        m = torch.from_numpy(part == n)
+        row[f"acc_{n}"] = zero_shot_accuracy(r["z_hat"][m], class_weights[n], lab)
+        row[f"orig_{n}"] = zero_shot_accuracy(e_eval[m], class_weights[n], lab)
+        row[f"l0_{n}"] = l0(r["w"][m])
+    return row
+
+
+def at_target(sweep, seed: int, config: str, column: str, target: float) -> float | None:
+    """``column`` of one seed's sweep of ``config`` at L0 = ``target``, interpolated in log L0;
+    None where the sweep does not reach the target (no extrapolation)."""
+    from common.evals.frontier import interpolate_log_l0
+
+    g = sweep[(sweep.seed == seed) & (sweep.config == config) & (sweep.l0 > 0)]
+    try:
+        return interpolate_log_l0(g.l0.to_list(), g[column].to_list(), target)
+    except ValueError:
+        return None
+
+
+def nearest_lam(sweep, seed: int, config: str, target: float) -> float:
+    """The lambda of one seed's sweep of ``config`` whose L0 is closest to ``target`` (in log)."""
+    g = sweep[(sweep.seed == seed) & (sweep.config == config)]
+    return float(g.lam[(np.log(g.l0.clip(lower=1e-3)) - np.log(target)).abs().idxmin()])
+
+
+def linearity_check(clip, images: Tensor, labels: Tensor, emb: Tensor, n_pairs: int, g) -> dict:
+    """The linearity scores of ``n_pairs`` composites a|b of images of different classes (drawn
+    with generator ``g``): against the parts' embeddings and against the one-sided canvases."""
+    i = torch.randint(len(labels), (4 * n_pairs,), generator=g)
+    j = torch.randint(len(labels), (4 * n_pairs,), generator=g)
+    ok = (labels[i] != labels[j]).nonzero()[:, 0][: 2 * n_pairs]
+    a, b = i[ok[:n_pairs]], j[ok[:n_pairs]]
+    c, d = i[ok[n_pairs:]], j[ok[n_pairs:]]
+    canvases = torch.cat(
+        [
+            side_by_side(images[a], images[b], images[a]),
+            side_by_side(images[a], None, images[a]),
+            side_by_side(None, images[b], images[a]),
+        ]
+    )
+    e = clip.project_image_features(clip.image_features(canvases))
+    comp, left, right = e.split(len(a))
+    other = F.normalize(emb[c] + emb[d], dim=-1)
+    full = linearity_scores(comp, emb[a], emb[b], other)
+    halves = linearity_scores(comp, left, right, other)
+    return {**full, "avg_halves": halves["avg"], "single_halves": halves["single"]}
+
+
+def _none_or(x) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def seed_metrics(
+    seed: int, sweep, matched, semantics: dict, linearity: dict, l0_zero_shot: float
+) -> dict:
+    """One seed's metrics: the sweep, the matched-L0 comparison, the semantic judge, the
+    linearity check, and under ``derived`` the numbers the claims compare (None: undefined)."""
+    mt = matched[matched.seed == seed].set_index("config")
+    sw = sweep[sweep.seed == seed]
+    acc, cos = mt["accuracy"], mt["cosine"]
+    both = mt.loc[["concepts", "random"], "accuracy"].notna().all()
+    derived = {
+        "original_accuracy": float(sw.original_accuracy.iloc[0]),
+        "cosine_at_target": _none_or(cos["concepts"]),
+        "accuracy_at_target": _none_or(acc["concepts"]),
+        "accuracy_at_zero_shot_target": _none_or(
+            at_target(sweep, seed, "concepts", "accuracy", l0_zero_shot)
+        ),
+        "cosine_at_zero_shot_target": _none_or(
+            at_target(sweep, seed, "concepts", "cosine", l0_zero_shot)
+        ),
+        "cosine_uncentred_at_target": _none_or(cos["uncentred"]),
+        "accuracy_uncentred_at_target": _none_or(acc["uncentred"]),
+        "cosine_random_at_target": _none_or(cos["random"]),
+        "accuracy_random_at_target": _none_or(acc["random"]),
+        "accuracy_gain_over_random": _none_or(acc["concepts"] - acc["random"]) if both else None,
+        "cosine_with_class_names_at_target": _none_or(cos["with_class_names"]),
+        "accuracy_with_class_names_at_target": _none_or(acc["with_class_names"]),
+        "judge_accuracy": semantics["judge_accuracy"],
+        "judge_accuracy_shuffled": semantics["judge_accuracy_shuffled"],
+        "judge_chance": 0.1,
+        "judge_gain_over_shuffled": semantics["judge_accuracy"]
+        - semantics["judge_accuracy_shuffled"],
+        "top_is_own_name_with_class_names": semantics["top_is_own_name_with_class_names"],
+        **{f"linearity_{k}": linearity[k] for k in ("avg", "single", "control")},
+        **{f"linearity_{k}": linearity[k] for k in ("avg_halves", "single_halves")},
+    }
+    return {
+        "sweep": {
+            c: g.drop(columns=["seed", "config"]).to_dict("list") for c, g in sw.groupby("config")
+        },
+        "matched": {
+            c: {k: _none_or(v) for k, v in r.items()} for c, r in mt.to_dict("index").items()
+        },
+        "semantics": semantics,
+        "linearity": linearity,
+        "derived": derived,
+    }

@@ -227,3 +227,101 @@ def heatmap(h: Tensor, size: int) -> Tensor:
     side = math.isqrt(h.shape[-1])
     grid = h.reshape(1, 1, side, side).float()
     return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+
+
+# --- the notebook's steps ------------------------------------------------------------------------
+@torch.no_grad()
+def image_tokens(clip: torch.nn.Module, images: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """The image tower's patch tokens (N, P, d) and pooled tokens (N, d), in batches."""
+    from tqdm.auto import tqdm
+
+    patches, pooled = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="image tokens", leave=False):
+        t = clip.image_tokens(images[i : i + batch_size], batch_size=batch_size)
+        patches.append(t.patches)
+        pooled.append(t.pooled)
+    return torch.cat(patches), torch.cat(pooled)
+
+
+def latent_table(
+    stats: TokenStats,
+    labels: Tensor,
+    dataset_ids: Tensor,
+    n_labels: int,
+    top_k: int,
+    selective_threshold: float,
+) -> tuple[object, dict[str, Tensor]]:
+    """Per latent: the statistics, the funnel's reach (images, classes, datasets), its top class,
+    and the flags alive, enough_references (>= top_k / 2 reference images) and class_selective
+    (label entropy below ``selective_threshold``); and the funnel itself."""
+    import pandas as pd
+
+    table = pd.DataFrame(latent_statistics(stats, labels, n_labels, top_k, len(labels)))
+    funnel = activation_funnel(stats.image_count, labels, n_labels, dataset_ids)
+    table["n_images_reached"] = funnel["n_images"].numpy()
+    table["n_classes_reached"] = funnel["n_classes"].numpy()
+    table["n_datasets_reached"] = funnel["n_datasets"].numpy()
+    table["top_class"] = funnel["class"].argmax(0).numpy()
+    table["alive"] = table["firing_frequency"] > 0
+    table["enough_references"] = table["n_reference"] >= top_k // 2
+    table["class_selective"] = table["enough_references"] & (
+        table["label_entropy"] < selective_threshold
+    )
+    return table, funnel
+
+
+def seed_metrics(
+    table,
+    recon,
+    zero_shot,
+    localisation: dict,
+    *,
+    d_sae: int,
+    n_images: int,
+    null_entropy: float,
+    max_entropy: float,
+) -> dict:
+    """One seed's metrics: the SAE's reconstruction, the latent statistics, zero-shot accuracy per
+    dataset, and under ``derived`` the numbers the claims compare. ``recon`` and ``zero_shot`` are
+    this seed's rows; ``n_images`` the number of training images."""
+    t, rec = table, recon.set_index("token")
+    ref = t[t.enough_references]
+    out = {
+        "sae": {
+            "d_sae": float(d_sae),
+            "fvu_patch": float(rec.loc["patch", "fvu"]),
+            "fvu_pooled": float(rec.loc["pooled", "fvu"]),
+            "l0_patch": float(rec.loc["patch", "l0"]),
+            "l0_pooled": float(rec.loc["pooled", "l0"]),
+            "alive_fraction": float(t.alive.mean()),
+            "train_seconds": float(rec.loc["patch", "train_seconds"]),
+        },
+        "latents": {
+            "referenced_fraction": float(t.enough_references.mean()),
+            "median_label_entropy": float(ref.label_entropy.median()),
+            "median_label_std": float(ref.label_std.median()),
+            "mean_classes_reached": float(t.n_classes_reached[t.alive].mean()),
+            "both_datasets_fraction": float((t.n_datasets_reached[t.alive] > 1).mean()),
+            "mean_image_share_reached": float((t.n_images_reached[t.alive] / n_images).mean()),
+        },
+    }
+    for name, g in zero_shot.groupby("dataset"):
+        out["zero_shot_" + name.replace("-", "_")] = {
+            r.variant: float(r.accuracy) for r in g.itertuples()
+        }
+    mean_acc = zero_shot.groupby("variant")["accuracy"].mean()
+    n_ref = max(1, int(t.enough_references.sum()))
+    out["derived"] = {
+        **{f"zero_shot_{v}": float(mean_acc[v]) for v in ZERO_SHOT_VARIANTS},
+        "class_selective_share": float(t.class_selective.sum() / n_ref),
+        "median_label_entropy": float(ref.label_entropy.median()),
+        "random_label_entropy": null_entropy,
+        "max_label_entropy": max_entropy,
+        "l0_over_width": float(rec.loc["patch", "l0"]) / d_sae,
+        "on_object_share": localisation["on_object_share"],
+        "object_area_share": localisation["object_area_share"],
+    }
+    return out
+
+
+ZERO_SHOT_VARIANTS = ("original", "sae_patches", "sae_pooled", "mean_ablation")

@@ -1,24 +1,28 @@
-"""Universal sparse autoencoders (paper 21: Thasarathan et al., ICML 2025, "Universal Sparse
+"""Paper 21's steps around the universal SAE (Thasarathan et al., ICML 2025, "Universal Sparse
 Autoencoders: Interpretable Cross-Model Concept Alignment").
 
-One sparse code Z is shared by M models. Model i has an encoder Psi_i and a decoder D_i:
+The architecture is the registry's ``universal`` (``common.sae.universal.UniversalSAE``), trained
+by the one trainer ``common.train`` on the models' paired activations side by side,
+x = [A_1 | ... | A_M] (``concat_models``). One sparse code Z is shared by M models; model i has an
+encoder Psi_i and a decoder D_i:
 
     Z_i     = Psi_i(A_i) = TopK_k(ReLU(W_enc_i^T (A_i - b_pre_i) + b_enc_i))
     A_hat_j = Z_i D_j + b_pre_j                         (decode the code of model i as model j)
 
-Training (Sec. 3 of the paper): every step draws one model i at random, encodes its activations of
-a batch of inputs and reconstructs *every* model's activations of the same inputs from that code,
+and every training step draws one model i, encodes its activations of a batch of inputs and
+reconstructs *every* model's activations of the same inputs from that code (Sec. 3 of the paper),
 
     L = sum_j || A_j - Psi_i(A_i) D_j ||_F^2 .
 
-Activations are standardised per model (centred, scaled so E||A_j - mu_j||^2 = 1 on the training
-set), so each term of L is a fraction of variance and no model dominates because it is wider.
-
-Evaluation: the cross-reconstruction matrix FVU[i, j] (encode with i, decode to j), per-latent
-co-firing (a latent that fires for model i on an image also fires for model j on the same image)
-and firing entropy (how evenly a latent's firings are spread over the models), against a USAE
-trained with the image pairing between models shuffled, and against independent SAEs joined by a
-post-hoc linear map.
+Here: the activations (``pooled_site_activations``, ``image_split``), their per-model standardisation
+(``Standardizer``: centred, scaled so E||A_j - mu_j||^2 = 1 on the training set, so each term of L
+is a fraction of variance and no model dominates because it is wider), the shuffled-pairing
+control, and the evaluation: the cross-reconstruction matrix FVU[i, j] (encode with i, decode to
+j), per-latent co-firing (a latent that fires for model i on an image also fires for model j on
+the same image) and firing entropy (how evenly a latent's firings are spread over the models),
+against a USAE trained with the image pairing between models shuffled, and against independent
+SAEs joined by a post-hoc linear map (``independent_map_fvu``), and the claims' numbers per seed
+(``seed_metrics``).
 """
 
 from __future__ import annotations
@@ -29,16 +33,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from common import hooks
+from common.data.images import load_image_set
 from common.evals.reconstruction import reconstruction_metrics
 from common.models.clip_style import to_pixels
 from common.models.loading import LoadedModel
-from common.models.sites import resolve_site
-from common.sae.sparsity import topk_activation
+from common.sae.base import SAE
+from common.sae.universal import UniversalSAE
 
 
 # --- activations ----------------------------------------------------------------------------------
+def _pool(site: hooks.Site, x: Tensor) -> Tensor:
+    """a_n = (1 / HW) sum_{h,w} x_n[:, h, w]: one vector per image of a spatial site (B, C, H, W)."""
+    if site.layout != "spatial":
+        raise ValueError(f"site {site.name!r} is not a spatial CNN site")
+    return x.mean((2, 3))
+
+
 @torch.inference_mode()
 def pooled_site_activations(
     loaded: LoadedModel,
@@ -49,31 +62,59 @@ def pooled_site_activations(
 ) -> dict[str, Tensor]:
     """Per-image mean over spatial positions of each CNN site: {site: (N, C_site)}.
 
-    A spatial site (B, C, H, W) gives one token per position (``common.models.sites``); pooling
-    them, a_n = (1 / HW) sum_{h,w} x_n[:, h, w], gives one vector per image and per site. All sites
-    come from one forward pass of ``loaded.model`` (an EfficientNet) at ``image_size`` pixels.
+    A spatial site (B, C, H, W) gives one token per position (``common.hooks``); pooling them,
+    a_n = (1 / HW) sum_{h,w} x_n[:, h, w], gives one vector per image and per site (``capture``
+    pools each call's tensor as it records it). All sites come from one forward pass of
+    ``loaded.model`` (an EfficientNet) at ``image_size`` pixels.
     """
     if not hasattr(loaded.model, "extract_features"):
         raise TypeError(f"{loaded.name} is not an EfficientNet: load 'efficientnet-lite0'")
     if len(set(sites)) != len(sites) or not sites:
         raise ValueError(f"sites must be distinct and non-empty, got {list(sites)}")
-    store: dict[str, list[Tensor]] = {s: [] for s in sites}
-    handles = []
-    for site in sites:
-        resolved = resolve_site(loaded.model, site)
-        if resolved.layout != "spatial":
-            raise ValueError(f"site {site!r} is not a spatial CNN site")
-        handles.append(resolved.register(lambda x, s=site: store[s].append(x.mean((2, 3)))))
-    try:
-        model = loaded.model.to(memory_format=torch.channels_last)
+    model = loaded.model.to(memory_format=torch.channels_last)
+    with hooks.capture(model, sites, transform=_pool) as cap:
         for start in range(0, len(images), batch_size):
             x = to_pixels(images[start : start + batch_size], image_size)
             x = loaded.preprocess(x).contiguous(memory_format=torch.channels_last)
             model.extract_features(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {s: torch.cat(v).float() for s, v in store.items()}
+    return {s: torch.cat(cap[s]).float() for s in sites}
+
+
+@dataclass
+class ImageSplit:
+    """One split of every dataset, in order: pooled activations ``acts[m]`` (N, d_m) of each site,
+    the images (uint8 (H, W) each), labels offset per dataset, and the label names."""
+
+    acts: list[Tensor]
+    images: list[Tensor]
+    labels: Tensor
+    label_names: list[str]
+
+
+def image_split(
+    loaded: LoadedModel,
+    datasets: Sequence[str],
+    split: str,
+    n: int,
+    sites: Sequence[str],
+    image_size: int,
+    batch_size: int = 64,
+) -> ImageSplit:
+    """``n`` images (the seed-0 subset) of each dataset's ``split`` and their pooled activations;
+    label c of the d-th dataset becomes c + (number of classes of the datasets before it)."""
+    acts: dict[str, list[Tensor]] = {s: [] for s in sites}
+    images: list[Tensor] = []
+    labels: list[Tensor] = []
+    names: list[str] = []
+    for name in datasets:
+        s = load_image_set(name, split).subset(n, seed=0)
+        pooled = pooled_site_activations(loaded, s.images, sites, image_size, batch_size)
+        for site in sites:
+            acts[site].append(pooled[site])
+        labels.append(s.labels + len(names))
+        names += [f"{name}/{c}" for c in s.class_names]
+        images += list(s.images)
+    return ImageSplit([torch.cat(acts[s]) for s in sites], images, torch.cat(labels), names)
 
 
 @dataclass
@@ -92,130 +133,6 @@ class Standardizer:
         return (x - self.mean) * self.scale
 
 
-# --- the model ------------------------------------------------------------------------------------
-class UniversalSAE(nn.Module):
-    """M encoders into one TopK code of ``d_sae`` latents and M decoders out of it.
-
-    Parameters per model m (widths ``d_ins[m]``): ``W_enc[m]`` (d_m, S), ``b_enc[m]`` (S,),
-    ``W_dec[m]`` (S, d_m) and ``b_pre[m]`` (d_m,). The decoder rows of latent s over all models,
-    [W_dec[0][s], ..., W_dec[M-1][s]], are kept at unit norm *jointly*, so a latent may put its
-    energy in one model (model-specific) or spread it over several (universal).
-    """
-
-    def __init__(self, d_ins: Sequence[int], d_sae: int, k: int, seed: int = 0) -> None:
-        super().__init__()
-        if len(d_ins) < 2:
-            raise ValueError(f"a universal SAE needs at least 2 models, got widths {list(d_ins)}")
-        if not 0 < k <= d_sae:
-            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
-        self.d_ins, self.d_sae, self.k = list(d_ins), d_sae, k
-        g = torch.Generator().manual_seed(seed)
-        dec = [torch.randn(d_sae, d, generator=g) for d in d_ins]
-        norm = torch.cat(dec, 1).norm(dim=1, keepdim=True)
-        self.W_dec = nn.ParameterList([nn.Parameter(w / norm) for w in dec])
-        # tied initialisation: the encoder of model m starts as its decoder's transpose
-        self.W_enc = nn.ParameterList([nn.Parameter(w.detach().T.clone()) for w in self.W_dec])
-        self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(d_sae)) for _ in d_ins])
-        self.b_pre = nn.ParameterList([nn.Parameter(torch.zeros(d)) for d in d_ins])
-
-    @property
-    def n_models(self) -> int:
-        return len(self.d_ins)
-
-    def pre_activations(self, x: Tensor, i: int) -> Tensor:
-        """W_enc_i^T (x - b_pre_i) + b_enc_i, shape (B, S)."""
-        return (x - self.b_pre[i]) @ self.W_enc[i] + self.b_enc[i]
-
-    def encode(self, x: Tensor, i: int) -> Tensor:
-        """Z = Psi_i(x) = TopK_k(ReLU(pre)) for activations ``x`` (B, d_i) of model i."""
-        return topk_activation(self.pre_activations(x, i), self.k)
-
-    def decode(self, z: Tensor, j: int) -> Tensor:
-        """A_hat_j = Z D_j + b_pre_j, shape (B, d_j)."""
-        return z @ self.W_dec[j] + self.b_pre[j]
-
-    def loss(self, xs: Sequence[Tensor], i: int) -> tuple[Tensor, Tensor]:
-        """(L, per-model terms): L = sum_j mean_n ||A_j,n - Psi_i(A_i,n) D_j||^2 (paired rows)."""
-        z = self.encode(xs[i], i)
-        terms = torch.stack(
-            [(x - self.decode(z, j)).pow(2).sum(-1).mean() for j, x in enumerate(xs)]
-        )
-        return terms.sum(), terms.detach()
-
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Rescale each latent's joint decoder row [W_dec[0][s], ..., W_dec[M-1][s]] to norm 1."""
-        norm = torch.cat(list(self.W_dec), 1).norm(dim=1, keepdim=True).clamp_min(1e-8)
-        for w in self.W_dec:
-            w.div_(norm)
-
-    @torch.no_grad()
-    def init_from_data(self, xs: Sequence[Tensor]) -> None:
-        """b_pre_m <- mean of model m's activations (the paper's b_pre: a geometric centre)."""
-        for b, x in zip(self.b_pre, xs, strict=True):
-            b.copy_(x.mean(0))
-
-
-@dataclass
-class USAETrainResult:
-    model: UniversalSAE
-    losses: list[float]  # L per step
-    picked: list[int]  # the model i encoded at each step
-
-
-def train_usae(
-    xs: Sequence[Tensor],
-    d_sae: int,
-    k: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    warmup_steps: int = 0,
-    decay_fraction: float = 0.2,
-    grad_clip: float = 1.0,
-) -> USAETrainResult:
-    """Train a ``UniversalSAE`` on paired rows ``xs[m]`` (N, d_m), the paper's random-encoder step.
-
-    Step t: draw a batch of rows and one model i uniformly; minimise L = sum_j ||A_j - Psi_i(A_i)
-    D_j||^2 with Adam (linear warm-up, linear decay over the last ``decay_fraction`` of steps);
-    after each step the joint decoder rows are projected back to unit norm. Every parameter with a
-    gradient (encoder i, all decoders) is updated; the reference code steps only model i's
-    optimiser, which in expectation over i updates the same parameters.
-    """
-    n = len(xs[0])
-    if any(len(x) != n for x in xs):
-        raise ValueError(f"xs must be paired (same number of rows), got {[len(x) for x in xs]}")
-    torch.manual_seed(seed)
-    model = UniversalSAE([x.shape[1] for x in xs], d_sae, k, seed)
-    model.init_from_data(xs)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    decay = int(decay_fraction * steps)
-    losses, picked = [], []
-    for step in range(steps):
-        factor = 1.0
-        if warmup_steps > 0:
-            factor = min(factor, (step + 1) / warmup_steps)
-        if decay > 0:
-            factor = min(factor, (steps - step) / decay)
-        for group in opt.param_groups:
-            group["lr"] = lr * factor
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-        i = int(torch.randint(0, model.n_models, (1,), generator=g))
-        loss, _ = model.loss([x[idx] for x in xs], i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        model.normalize_decoder_()
-        losses.append(float(loss.detach()))
-        picked.append(i)
-    model.eval()
-    return USAETrainResult(model, losses, picked)
-
-
 def shuffle_pairing(xs: Sequence[Tensor], seed: int) -> list[Tensor]:
     """The control: rows of every model but the first permuted, so row n of model 0 and row n of
     model m come from different images; each model's own distribution is unchanged."""
@@ -227,7 +144,12 @@ def shuffle_pairing(xs: Sequence[Tensor], seed: int) -> list[Tensor]:
 @torch.no_grad()
 def codes(model: UniversalSAE, xs: Sequence[Tensor]) -> list[Tensor]:
     """Z_i = Psi_i(A_i) for every model i: a list of (N, S) codes of the same N inputs."""
-    return [model.encode(x, i) for i, x in enumerate(xs)]
+    if len(xs) != model.n_models:
+        raise ValueError(
+            f"the universal SAE has {model.n_models} models (widths {model.d_models}), got the "
+            f"activations of {len(xs)}: pass one (N, d_m) tensor per model, in its order"
+        )
+    return [model.encode(x, model=i) for i, x in enumerate(xs)]
 
 
 @torch.no_grad()
@@ -241,7 +163,7 @@ def cross_reconstruction_fvu(model: UniversalSAE, xs: Sequence[Tensor]) -> np.nd
     out = np.zeros((m, m))
     for i, z in enumerate(codes(model, xs)):
         for j, x in enumerate(xs):
-            out[i, j] = reconstruction_metrics(x, model.decode(z, j))["fvu"]
+            out[i, j] = reconstruction_metrics(x, model.decode(z, model=j))["fvu"]
     return out
 
 
@@ -323,3 +245,167 @@ def ridge_cv(
             best, best_alpha = err, alpha
     w, b = ridge_fit(x, y, best_alpha)
     return w, b, best_alpha
+
+
+def sae_codes(sae: SAE, x: Tensor) -> Tensor:
+    """z = encode(c x): an SAE trained on normalised activations encodes them scaled the same way."""
+    with torch.no_grad():
+        return sae.encode(sae.scale_in(x))
+
+
+def sae_decode(sae: SAE, z: Tensor) -> Tensor:
+    """x_hat = decode(z) / c, back in the units of the activations."""
+    with torch.no_grad():
+        return sae.scale_out(sae.decode(z))
+
+
+def independent_map_fvu(
+    saes: Sequence[SAE],
+    train_x: Sequence[Tensor],
+    test_x: Sequence[Tensor],
+    alphas: Sequence[float],
+    seed: int,
+) -> np.ndarray:
+    """FVU[i, j] of independent SAEs joined after training: the diagonal is SAE j on its own model;
+    off it, a ridge map M (penalty by 4-fold CV on the training codes) from SAE i's code to SAE j's
+    code, decoded by SAE j: A_hat_j = D_j(ReLU(z_i M + b))."""
+    z_train = [sae_codes(s, x) for s, x in zip(saes, train_x, strict=True)]
+    z_test = [sae_codes(s, x) for s, x in zip(saes, test_x, strict=True)]
+    m = len(saes)
+    out = np.zeros((m, m))
+    for i in range(m):
+        for j in range(m):
+            if i == j:
+                x_hat = sae_decode(saes[j], z_test[j])
+            else:
+                w, b, _ = ridge_cv(z_train[i], z_train[j], alphas, seed=seed)
+                x_hat = sae_decode(saes[j], (z_test[i] @ w + b).clamp_min(0))
+            out[i, j] = reconstruction_metrics(test_x[j], x_hat)["fvu"]
+    return out
+
+
+def dense_ridge_fvu(
+    train_x: Sequence[Tensor], test_x: Sequence[Tensor], alphas: Sequence[float]
+) -> np.ndarray:
+    """FVU[i, j] of a dense ridge map A_i -> A_j (no sparse bottleneck), fitted on training rows."""
+    m = len(train_x)
+    out = np.zeros((m, m))
+    for i in range(m):
+        for j in range(m):
+            w, b, _ = ridge_cv(train_x[i], train_x[j], alphas)
+            out[i, j] = reconstruction_metrics(test_x[j], test_x[i] @ w + b)["fvu"]
+    return out
+
+
+# --- sharing summaries, top images, the claims' numbers -------------------------------------------
+def _number(value: float | None) -> float | None:
+    """``value`` as a float; None where it is undefined (None or NaN)."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def sharing_summary(
+    zs: Sequence[Tensor], min_fires: int, shared_threshold: float
+) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
+    """``cofiring(zs, min_fires)`` and its means over the alive latents: the alive fraction, mean
+    co-firing, the shared share (co-firing > ``shared_threshold``), mean firing entropy, the share
+    with entropy > 0.9 and the mean chance co-firing (``expected_cofire``); None where no latent is
+    alive."""
+    c = cofiring(zs, min_fires)
+    alive = c["alive"]
+    summary: dict[str, float | None] = dict.fromkeys(
+        ("alive_fraction", "cofire_mean", "shared_share", "entropy_mean", "entropy_high_share")
+    )
+    summary["alive_fraction"] = float(alive.mean())
+    if alive.any():
+        summary["cofire_mean"] = float(np.nanmean(c["cofire"][alive]))
+        summary["shared_share"] = float((c["cofire"][alive] > shared_threshold).mean())
+        summary["entropy_mean"] = float(np.nanmean(c["entropy"][alive]))
+        summary["entropy_high_share"] = float((c["entropy"][alive] > 0.9).mean())
+    chance = expected_cofire(zs)[alive]
+    summary["chance_cofire_mean"] = float(np.nanmean(chance)) if len(chance) else None
+    return c, {key: _number(v) for key, v in summary.items()}
+
+
+def top_images(z: Tensor, latent: int, n: int) -> Tensor:
+    """Indices of the (at most) ``n`` inputs that excite ``latent`` most, among those it fires on."""
+    values, idx = z[:, latent].topk(n)
+    return idx[values > 0]
+
+
+def top_overlap(zs: Sequence[Tensor], latents: Sequence[int], n: int) -> float | None:
+    """Mean over ``latents`` of the Jaccard overlap of the top-``n`` images from model 1 and 2."""
+    out = []
+    for s in latents:
+        a, b = set(top_images(zs[0], s, n).tolist()), set(top_images(zs[1], s, n).tolist())
+        if a or b:
+            out.append(len(a & b) / len(a | b))
+    return float(np.mean(out)) if out else None
+
+
+def shared_latents(c: dict[str, np.ndarray], shared_threshold: float) -> np.ndarray:
+    """The alive latents whose co-firing exceeds ``shared_threshold``."""
+    return np.flatnonzero(c["alive"] & (np.nan_to_num(c["cofire"]) > shared_threshold))
+
+
+def pick_concepts(
+    c: dict[str, np.ndarray], zs: Sequence[Tensor], labels: Tensor, n_concepts: int, n_top: int
+) -> list[int]:
+    """The grid's latents: most shared first (then most firing), alive and firing on at least
+    ``n_top`` images from every model; one per label of its top image where possible."""
+    order = np.lexsort((-c["any"], -np.nan_to_num(c["cofire"], nan=-1.0)))
+    eligible = [int(s) for s in order if c["alive"][s] and min(c["fires"][:, s]) >= n_top]
+    picked, seen = [], set()
+    for s in eligible:
+        label = int(labels[top_images(zs[0], s, 1)[0]])
+        if label not in seen and len(picked) < n_concepts:
+            picked.append(s)
+            seen.add(label)
+    return picked + [s for s in eligible if s not in picked][: n_concepts - len(picked)]
+
+
+SHARING_KEYS = ("alive_fraction", "cofire_mean", "shared_share", "entropy_mean", "entropy_high_share")
+
+
+def seed_metrics(
+    fvu: dict[str, np.ndarray],
+    sharing: dict[str, dict[str, float | None]],
+    top_image_overlap: float | None,
+) -> dict[str, dict]:
+    """One seed's metrics: the FVU matrices ``fvu[kind]`` (``usae``, ``shuffled``,
+    ``independent_map``, ``dense_ridge``), the sharing summaries ``sharing[kind]`` (``usae``,
+    ``permuted_pairs``, ``shuffled``) and under ``derived`` the numbers the claims compare:
+    ``cross_fvu`` is the mean off-diagonal FVU, ``cross_minus_self_fvu`` the mean over i != j of
+    FVU[i, j] - FVU[j, j] (the cost of encoding from the other model)."""
+    u, sh, ind, dense = (fvu[k] for k in ("usae", "shuffled", "independent_map", "dense_ridge"))
+    m = len(u)
+    gap = np.mean([u[i, j] - u[j, j] for i in range(m) for j in range(m) if i != j])
+    usae = sharing["usae"]
+    return {
+        "fvu": {kind: matrix.tolist() for kind, matrix in fvu.items()},
+        "sharing": {
+            kind: {key: sharing[kind][key] for key in SHARING_KEYS}
+            for kind in ("usae", "permuted_pairs", "shuffled")
+        },
+        "derived": {
+            "self_fvu": float(np.diag(u).mean()),
+            "cross_fvu": off_diagonal_mean(u),
+            "cross_minus_self_fvu": float(gap),
+            "shuffled_self_fvu": float(np.diag(sh).mean()),
+            "shuffled_cross_fvu": off_diagonal_mean(sh),
+            "cross_over_shuffled_cross": off_diagonal_mean(u) / off_diagonal_mean(sh),
+            "independent_self_fvu": float(np.diag(ind).mean()),
+            "independent_map_cross_fvu": off_diagonal_mean(ind),
+            "self_minus_independent_self_fvu": float(np.diag(u).mean() - np.diag(ind).mean()),
+            "dense_ridge_cross_fvu": off_diagonal_mean(dense),
+            "shared_share": usae["shared_share"],
+            "shuffled_shared_share": sharing["shuffled"]["shared_share"],
+            "permuted_shared_share": sharing["permuted_pairs"]["shared_share"],
+            "cofire_mean": usae["cofire_mean"],
+            "permuted_cofire_mean": sharing["permuted_pairs"]["cofire_mean"],
+            "chance_cofire_mean": usae["chance_cofire_mean"],
+            "entropy_mean": usae["entropy_mean"],
+            "entropy_high_share": usae["entropy_high_share"],
+            "alive_fraction": usae["alive_fraction"],
+            "top_image_overlap": top_image_overlap,
+        },
+    }

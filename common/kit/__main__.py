@@ -1,0 +1,5 @@
+import sys
+
+from common.kit.run import main
+
+sys.exit(main())

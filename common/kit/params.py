@@ -1,0 +1,111 @@
+"""The base of every paper's parameter declaration (``papers/<folder>/params.py``).
+
+    from common.kit.params import PaperParams, PositiveInt
+
+    class Params(PaperParams):
+        inputs = "lm"          # the shared inputs the folder reads: toy | lm | vision | diffusion
+        steps: PositiveInt = 150
+        \"\"\"SAE training steps\"\"\"
+
+The field's type and constraints are checked before any work (``common.params``), its default is
+the default profile's value, its docstring documents it; profiles override values only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, Field
+
+from common.params import (
+    CommaInts,
+    Device,
+    Fraction,
+    ImageDatasets,
+    Increasing,
+    Invalid,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Section,
+    Text,
+    _distinct,
+    expects,
+)
+from common.settings import (
+    ClipModel,
+    DiffusionModelName,
+    EfficientNetSites,
+    HookSite,
+    ScorerName,
+    UNetSite,
+    UNetSites,
+)
+
+InputKind = Literal["toy", "lm", "vision", "diffusion"]
+Distinct = AfterValidator(_distinct)
+
+
+def _architecture_list(value: str) -> str:
+    from common.sae import available_architectures
+
+    names = [n.strip() for n in value.split(",")]
+    unknown = [n for n in names if n not in available_architectures()]
+    if not names or unknown:
+        raise Invalid(ARCHITECTURES_TEXT, f": unknown {unknown}" if unknown else "")
+    return value
+
+
+ARCHITECTURES_TEXT = (
+    "a comma-separated string of registry names (common.sae.available_architectures())"
+)
+ArchitectureList = Annotated[str, AfterValidator(_architecture_list), expects(ARCHITECTURES_TEXT)]
+
+
+def _prefix_fractions(value: list[float]) -> list[float]:
+    ok = value and all(0 < f <= 1 for f in value) and value[-1] == 1
+    if not ok or any(a >= b for a, b in zip(value, value[1:], strict=False)):
+        raise Invalid(PREFIX_TEXT)
+    return value
+
+
+PREFIX_TEXT = "an increasing list of numbers in (0, 1] ending at 1.0"
+PrefixFractions = Annotated[list[float], AfterValidator(_prefix_fractions), expects(PREFIX_TEXT)]
+
+
+class PaperParams(Section):
+    """A paper folder's own section of params.yaml, ``papers.<folder>``."""
+
+    inputs: ClassVar[InputKind] = "lm"
+
+
+__all__ = [
+    "ArchitectureList",
+    "Distinct",
+    "Field",
+    "PrefixFractions",
+    "ClipModel",
+    "CommaInts",
+    "Device",
+    "DiffusionModelName",
+    "EfficientNetSites",
+    "Fraction",
+    "HookSite",
+    "ImageDatasets",
+    "Increasing",
+    "InputKind",
+    "Invalid",
+    "NonNegFloat",
+    "NonNegInt",
+    "PaperParams",
+    "PositiveFloat",
+    "PositiveInt",
+    "Probability",
+    "ScorerName",
+    "Text",
+    "UNetSite",
+    "UNetSites",
+    "expects",
+]
