@@ -396,27 +396,6 @@ def _toy_saes() -> dict[str, Any]:
     }
 
 
-def _lm_saes() -> dict[str, Any]:
-    return {
-        "relu": {"d_sae": 2304, "l1_coefficient": 3.0, "l1_warmup_steps": 50},
-        "gated": {"d_sae": 2304, "l1_coefficient": 6.0, "l1_warmup_steps": 50},
-        "jumprelu": {
-            "d_sae": 2304,
-            "l0_coefficient": 1.0,
-            "bandwidth": 0.5,
-            "initial_threshold": 1.5,
-        },
-        "topk": {"d_sae": 2304, "k": 32},
-        "batchtopk": {"d_sae": 2304, "k": 32},
-        "matryoshka": {"d_sae": 2304, "k": 32},
-        "msae": {"d_sae": 2304, "ks": [8, 16, 32, 64]},
-        "switch": {"d_sae": 2304, "n_experts": 4, "k": 32},
-        "archetypal": {"d_sae": 2304, "k": 32, "n_candidates": 2048},
-        "ra": {"d_sae": 2304, "k": 32, "n_candidates": 2048, "delta": 1.0},
-        "mp": {"d_sae": 2304, "k": 32},
-    }
-
-
 class ToyTrain(SweepTraining):
     steps: PositiveInt = 1200
     batch_size: PositiveInt = 1024
@@ -445,18 +424,29 @@ class LM(Section):
     device: Device = "cpu"
 
 
-class LMTrain(SweepTraining):
-    steps: PositiveInt = 300
-    batch_size: PositiveInt = 1024
-    lr: PositiveFloat = 0.001
-    lr_warmup_steps: NonNegInt = 50
-    dead_after_tokens: PositiveInt = 500000
-    normalize_activations: bool = True
-    saes: SAERuns = Field(default_factory=_lm_saes)
+def _compared_runs() -> list[str]:
+    return [
+        "relu_l1_3",
+        "gated_l1_6",
+        "jumprelu",
+        "topk_k32",
+        "batchtopk_k32",
+        "matryoshka_k32",
+        "msae",
+        "switch_k32",
+        "archetypal_k32",
+        "ra_k32",
+        "mp_k32",
+    ]
 
 
 class Compare(Section):
+    """The cross-architecture comparison (papers/00_compare): every architecture on the toy data
+    (``toy_train``) and, on the LM, one run per architecture of the shared sweep (seed 0)."""
+
     title: Text = "Every architecture on the same activations"
+    lm_runs: Annotated[list[Text], Field(min_length=1)] = Field(default_factory=_compared_runs)
+    """runs of `lm_sweep.saes` evaluated downstream and compared (papers/00_compare)"""
 
 
 class ClipStyle(Section):
@@ -504,6 +494,70 @@ class Training(Section):
     lr_decay_fraction: Fraction = 0.2
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
     normalize_activations: bool = True
+    dead_window_fraction: Probability = 0.25
+    """a latent silent for this share of the run's tokens is dead (AuxK revives it): the window
+    follows the run, as peers count it in steps, instead of a fixed token count"""
+
+
+def _sweep_saes() -> dict[str, Any]:
+    """The LM sweep: every architecture at 1152 latents (2x d_model) and L0 about 32, the ReLU
+    and gated penalty sweeps, the TopK k sweep and width sweep (papers 00, 02, 07, 19, 22, 45)."""
+    w = 1152
+    runs: dict[str, Any] = {}
+    for l1 in (1.5, 3.0, 6.0):
+        runs[f"relu_l1_{l1:g}"] = {"architecture": "relu", "d_sae": w, "l1_coefficient": l1}
+    for l1 in (3.0, 6.0, 12.0):
+        runs[f"gated_l1_{l1:g}"] = {"architecture": "gated", "d_sae": w, "l1_coefficient": l1}
+    runs["jumprelu"] = {
+        "d_sae": w,
+        "l0_coefficient": 1.0,
+        "bandwidth": 0.5,
+        "initial_threshold": 1.5,
+    }
+    for k in (8, 16, 24, 32, 64):
+        runs[f"topk_k{k}"] = {"architecture": "topk", "d_sae": w, "k": k}
+    for width in (576, 2304):
+        for k in (8, 32):
+            runs[f"topk_k{k}_w{width}"] = {"architecture": "topk", "d_sae": width, "k": k}
+    runs["topk_k8_w2304_plain"] = {
+        "architecture": "topk",
+        "d_sae": 2304,
+        "k": 8,
+        "aux_coefficient": 0.0,
+        "tied_init": False,
+    }
+    for arch in ("batchtopk", "matryoshka", "switch", "mp"):
+        runs[f"{arch}_k32"] = {"architecture": arch, "d_sae": w, "k": 32}
+    runs["switch_k32"]["n_experts"] = 4
+    runs["msae"] = {"d_sae": w, "ks": [8, 16, 32, 64]}
+    runs["archetypal_k32"] = {
+        "architecture": "archetypal",
+        "d_sae": w,
+        "k": 32,
+        "n_candidates": 2048,
+    }
+    runs["ra_k32"] = {
+        "architecture": "ra",
+        "d_sae": w,
+        "k": 32,
+        "n_candidates": 2048,
+        "delta": 1.0,
+    }
+    return runs
+
+
+class LMSweep(Section):
+    """One sweep of SAEs on the LM's training activations (``lm.site``), trained once by the
+    ``sweep_lm`` stage for every seed of ``papers.seeds`` with the shared training settings
+    (``papers.training``) and a half-budget snapshot; the LM papers (00, 02, 07, 19, 22, 45) read
+    their SAEs from it (``paper.sweep_sae``) instead of training their own."""
+
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 512
+    lr: PositiveFloat = 0.001
+    device: Device = "cpu"
+    saes: SAERuns = Field(default_factory=_sweep_saes)
+    """run name -> architecture and hyperparameters"""
 
 
 # The shared inputs of each kind, for dvc.yaml's `paper` pattern: the folder a paper stage depends
@@ -537,7 +591,7 @@ class SharedParams(Section):
     toy: Toy = Field(default_factory=Toy)
     toy_train: ToyTrain = Field(default_factory=ToyTrain)
     lm: LM = Field(default_factory=LM)
-    lm_train: LMTrain = Field(default_factory=LMTrain)
+    lm_sweep: LMSweep = Field(default_factory=LMSweep)
     compare: Compare = Field(default_factory=Compare)
     clip_style: ClipStyle = Field(default_factory=ClipStyle)
     diffusion: Diffusion = Field(default_factory=Diffusion)
@@ -561,9 +615,22 @@ def _lm_layers(params: dict[str, Any]) -> None:
             raise fail(f"lm.{name}", params["lm"][name], expected, f": {why}")
 
 
+def _compared_runs_exist(params: dict[str, Any]) -> None:
+    runs = params["lm_sweep"]["saes"]
+    missing = [r for r in params["compare"]["lm_runs"] if r not in runs]
+    if missing:
+        raise fail(
+            "compare.lm_runs",
+            params["compare"]["lm_runs"],
+            f"runs of lm_sweep.saes {sorted(runs)}",
+            f": {missing} are not in the sweep",
+        )
+
+
 def cross_checks(params: dict[str, Any]) -> None:
     """Checks that read more than one key, run once every key has passed its own check."""
     _lm_layers(params)
+    _compared_runs_exist(params)
 
 
 __all__ = [

@@ -48,9 +48,10 @@ from common.sae.base import LossOutput, code_stats, fvu
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "sae"
+SNAPSHOT_DIR = "snapshots"  # snapshots/<fraction>/: the SAE after that fraction of the steps
 TRAINER_STATE_JSON = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 # TrainConfig fields that do not change the trained weights, so a resumed run may change them.
-RESULT_NEUTRAL = frozenset({"log_every", "checkpoint_every"})
+RESULT_NEUTRAL = frozenset({"log_every", "checkpoint_every", "snapshot_fractions"})
 FULL_HASH_BYTES = 64 * 2**20  # tensors up to this size are hashed whole, larger ones by rows
 SAMPLED_ROWS = 4096
 
@@ -206,6 +207,9 @@ class TrainConfig:
     normalize_activations: bool = False  # train on x * c with E||c x|| = sqrt(d_in)
     seed: int = 0
     device: str = "cpu"  # e.g. "cuda"; checkpoints and saved SAEs are always on the CPU
+    # Also save the SAE after these fractions of the steps (``snapshots/<fraction>/``), e.g.
+    # (0.5,): the half-budget SAE of the same run, for the settledness check of the claims.
+    snapshot_fractions: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "dead_after_tokens")
@@ -239,6 +243,13 @@ class TrainConfig:
                 f"got {self.adam_betas!r}"
             )
         self.adam_betas = betas  # type: ignore[assignment]
+        fractions = tuple(self.snapshot_fractions)
+        if not all(_is_real(f) and 0.0 < f < 1.0 for f in fractions):
+            raise ValueError(
+                f"train config: `snapshot_fractions` must be numbers in (0, 1), such as (0.5,), "
+                f"got {self.snapshot_fractions!r}"
+            )
+        self.snapshot_fractions = tuple(float(f) for f in fractions)  # type: ignore[assignment]
         resolve_device(self.device, key="device")  # hardware this machine lacks fails here
 
 
@@ -621,6 +632,16 @@ def _open_live(live_dir: str | Path, start: int, cfg: TrainConfig) -> Any:
     return live
 
 
+def snapshot_steps(cfg: TrainConfig) -> dict[int, float]:
+    """``{step: fraction}``: the SAE is saved once ``step`` steps are done (at least one)."""
+    return {max(1, round(f * cfg.steps)): f for f in cfg.snapshot_fractions}
+
+
+def snapshot_dir(out_dir: str | Path, fraction: float) -> Path:
+    """Where ``train`` saves the SAE after ``fraction`` of the steps: ``snapshots/<fraction>``."""
+    return Path(out_dir) / SNAPSHOT_DIR / f"{fraction:g}"
+
+
 def _diverged(err: TrainingDiverged, out_dir: Path, saved_step: int | None) -> TrainingDiverged:
     """``err`` with where the run's last good checkpoint is, if it has one."""
     ckpt = out_dir / CHECKPOINT_DIR
@@ -697,6 +718,7 @@ def train(
         disable=not (progress and main),
     )
     batches = data.iterate(start) if dist is None else _rank_batches(data, start, dist)
+    snapshots = snapshot_steps(cfg)
     try:
         for step in range(start, end):
             x = sae.scale_in(next(batches).to(device, non_blocking=True))
@@ -721,6 +743,10 @@ def train(
                     for k, v in {**metrics, **out.terms}.items():
                         live.log_metric(f"train/{k}", v)
                     live.next_step()
+            if step + 1 in snapshots:
+                _check_finite(sae, opt, cfg, step)
+                if main:
+                    sae.save(snapshot_dir(out_dir, snapshots[step + 1]))
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 _check_finite(sae, opt, cfg, step)
                 if main:
@@ -902,7 +928,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoint/, sae/, live/)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    skip = ("architecture", "sae", "adam_betas")
+    p.add_argument(
+        "--snapshot-fractions",
+        type=lambda text: tuple(float(f) for f in text.split(",") if f.strip()),
+        default=(),
+        help="also save the SAE after these fractions of the steps, e.g. 0.5 (snapshots/0.5/)",
+    )
+    skip = ("architecture", "sae", "adam_betas", "snapshot_fractions")
     for name, f in TrainConfig.__dataclass_fields__.items():
         if name in skip:
             continue
@@ -922,6 +954,7 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         hyper[key] = _parse_value(value)
     train_kwargs = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if k not in skip}
+    train_kwargs["snapshot_fractions"] = args.snapshot_fractions
     dist = None
     try:
         cfg = TrainConfig(architecture=args.arch, sae=hyper, **train_kwargs)

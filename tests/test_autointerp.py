@@ -38,6 +38,12 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random chat model folder, shared by the tests of the model backends."""
+    return _save_tiny_chat_lm(tmp_path_factory.mktemp("tiny-chat") / "lm")
+
+
+@pytest.fixture(scope="module")
 def toy():
     return toy_data(n_tokens=6000, seed=0)
 
@@ -266,11 +272,10 @@ def _check_prefix_cache(judge, tol: float) -> None:
     assert judge.generate(P.explain_prompt(["the <<cat>> sat"]), max_tokens=6) == text  # greedy
 
 
-def test_transformers_judge_on_a_tiny_local_model(tmp_path):
+def test_transformers_judge_on_a_tiny_local_model(tiny_lm):
     from common.autointerp import TransformersJudge
 
-    folder = _save_tiny_chat_lm(tmp_path / "tiny-chat")
-    judge = load_judge(str(folder))
+    judge = load_judge(str(tiny_lm))
     assert isinstance(judge, TransformersJudge)
     _check_prefix_cache(judge, tol=1e-5)
     # the whole pipeline runs through a model backend too
@@ -344,3 +349,33 @@ def test_load_judge_names():
         load_judge("keyword", backend="vllm")
     with pytest.raises(ValueError, match="needs a .gguf"):
         load_judge("some/model", backend="llama_cpp")
+
+
+def test_lm_activations_keep_token_ids_and_documents(tiny_lm):
+    """Rows, token ids and document ids line up: the rows are the model's hidden states at the
+    kept positions, and a document id changes exactly at the separators."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.autointerp.data import lm_activations
+    from common.models import LoadedModel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    loaded = LoadedModel(model=model, name="tiny", family="causal_lm", revision="0", tokenizer=tok)
+    texts = ["the cat sat on the mat", "yes no", "the mat. Is it? Answer yes or no."] * 4
+    acts, ids, docs = lm_activations(loaded, texts, "resid_post.0", n_tokens=40, context_len=12)
+    assert acts.shape == (40, 32) and ids.shape == docs.shape == (40,)
+    sep = tok.bos_token_id
+    assert sep not in ids.tolist()  # separators are dropped
+    stream = [t for text in texts for t in [sep] + tok(text, add_special_tokens=False)["input_ids"]]
+    windows = [[sep] + stream[i : i + 11] for i in range(0, 11 * 5, 11)]
+    with torch.no_grad():
+        hidden = model(torch.tensor(windows), output_hidden_states=True).hidden_states[1]
+    flat = [(w, p) for w in range(5) for p in range(1, 12) if windows[w][p] != sep][:40]
+    expected = torch.stack([hidden[w, p] for w, p in flat])
+    torch.testing.assert_close(acts, expected, atol=1e-5, rtol=1e-5)
+    assert ids.tolist() == [windows[w][p] for w, p in flat]
+    for k in range(1, 40):  # a new document after every dropped separator or window start
+        (w0, p0), (w1, p1) = flat[k - 1], flat[k]
+        crossed = w1 != w0 or sep in windows[w0][p0 + 1 : p1]
+        assert (docs[k] != docs[k - 1]) == crossed

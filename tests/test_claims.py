@@ -1,4 +1,5 @@
-"""Claims are checked per seed and summarised into a verdict that can come out any of three ways."""
+"""Claims are checked per seed and summarised into a verdict that can come out any of three ways;
+sources, controls, tolerances and settledness decide what the headline shows."""
 
 import json
 import math
@@ -8,7 +9,9 @@ import pytest
 from common.claims import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
+    NOT_SETTLED,
     REPRODUCED,
+    UNSUPPORTED,
     ClaimsError,
     claims_table,
     evaluate_claims,
@@ -23,27 +26,37 @@ paper: Toy paper
 claims:
   - id: a_below_b
     claim: A has lower FVU than B
+    source: paper
+    where: Fig. 1
     paper_value: "0.1 vs 0.2"
     lhs: a.fvu
     op: "<"
     rhs: b.fvu
   - id: a_near_one
     claim: gamma of A is about 1
+    source: paper
+    where: Table 2
     lhs: a.gamma
     op: "~="
     rhs: 1.0
-    tolerance: 0.05
+    tolerance: {value: 0.05, from: "Table 2 reports 1.00 +- 0.05"}
   - id: b_dead_above_half
     claim: B has many dead latents
+    source: paper
+    where: Sec. 3
     lhs: b.dead
     op: ">"
     rhs: 0.5
 """
 
 
-def _write(tmp_path, seeds, claims=CLAIMS):
+P = "id: x, claim: c, source: paper, where: Fig. 1, lhs: a, op: '<', rhs: 1"
+
+
+def _write(tmp_path, seeds, claims=CLAIMS, half=None):
     (tmp_path / "claims.yaml").write_text(claims)
-    (tmp_path / "metrics.json").write_text(json.dumps({"seeds": seeds}))
+    doc = {"seeds": seeds, **({"budgets": {"half": {"seeds": half}}} if half else {})}
+    (tmp_path / "metrics.json").write_text(json.dumps(doc))
     return tmp_path / "claims.yaml", tmp_path / "metrics.json"
 
 
@@ -96,7 +109,17 @@ def test_too_few_seeds_or_missing_metric_is_inconclusive(tmp_path):
         ("claims:\n  - {id: x, claim: c, lhs: a, op: '!=', rhs: 1}", "`op` must be one of"),
         ("claims:\n  - {id: X-1, claim: c, lhs: a, op: '<', rhs: 1}", "snake_case"),
         ("claims:\n  - {id: x, claim: c, lhs: a, op: '<', rhs: 1, tol: 1}", "unknown fields"),
-        ("claims:\n  - {id: x, claim: c, lhs: a, op: '<', rhs: 1, tolerance: -1}", ">= 0"),
+        (f"claims:\n  - {{{P}, tolerance: -1}}", "no bare constant"),
+        (f"claims:\n  - {{{P}, tolerance: 0.05}}", "no bare constant"),
+        (f"claims:\n  - {{{P}, tolerance: {{value: 0.1, from: ''}}}}", "no bare constant"),
+        ("claims:\n  - {id: x, claim: c, lhs: a, op: '<', rhs: 1}", "`source` must be one of"),
+        ("claims:\n  - {id: x, claim: c, source: paper, lhs: a, op: '<', rhs: 1}", "needs `where`"),
+        (f"claims:\n  - {{{P}, guards: [x]}}", "only a control claim"),
+        (
+            "claims:\n  - {id: x, claim: c, source: control, lhs: a, op: '<', rhs: 1, guards: [y]}",
+            "guards unknown claim",
+        ),
+        (f"claims:\n  - {{{P}, revised: {{original: o}}}}", "`revised` must be"),
     ],
 )
 def test_malformed_claims_name_the_problem(tmp_path, bad, message):
@@ -116,7 +139,7 @@ def test_cli_writes_strict_json_results_and_table(tmp_path):
     text = results.read_text()
     assert "A has lower FVU than B" in text and "**reproduced**" in text and "n/a" in text
     table = claims_table([verdicts])
-    assert "3 claims: 2 reproduced, 0 not reproduced, 1 inconclusive" in table
+    assert "The papers' own claims: 3: 2 reproduced, 1 inconclusive." in table
 
 
 def test_readme_gets_the_table_between_markers_and_keeps_its_prose(tmp_path):
@@ -142,3 +165,85 @@ def test_missing_metrics_file_is_a_clear_error(tmp_path):
     (tmp_path / "claims.yaml").write_text(CLAIMS)
     with pytest.raises(ClaimsError, match="run the paper's notebook stage first"):
         evaluate_claims(tmp_path / "claims.yaml", tmp_path / "nope.json")
+
+
+CONTROLLED = """
+paper: Toy paper
+claims:
+  - id: a_below_b
+    claim: A has lower FVU than B
+    source: paper
+    where: Fig. 1
+    lhs: a.fvu
+    op: "<"
+    rhs: b.fvu
+  - id: b_beats_shuffled
+    claim: B's FVU beats the shuffled-pairing control
+    source: control
+    guards: [a_below_b]
+    lhs: b.fvu
+    op: "<"
+    rhs: b.shuffled
+  - id: a_trained
+    claim: A trained at all
+    source: sanity
+    lhs: a.fvu
+    op: "<"
+    rhs: 1.0
+    revised:
+      original: "A's FVU below 0.05"
+      reason: "0.05 was never reached at this budget; threshold chosen after the first run"
+"""
+
+
+def test_a_failed_control_marks_the_claims_it_guards_unsupported(tmp_path):
+    good = {s: {"a": {"fvu": 0.1}, "b": {"fvu": 0.2, "shuffled": 0.9}} for s in "012"}
+    by_id = {c["id"]: c for c in evaluate_claims(*_write(tmp_path, good, CONTROLLED))["claims"]}
+    assert by_id["a_below_b"]["status"] == REPRODUCED
+    bad = {s: {"a": {"fvu": 0.1}, "b": {"fvu": 0.2, "shuffled": 0.1}} for s in "012"}
+    verdicts = evaluate_claims(*_write(tmp_path, bad, CONTROLLED))
+    by_id = {c["id"]: c for c in verdicts["claims"]}
+    assert by_id["a_below_b"]["verdict"] == REPRODUCED  # the comparison itself still holds
+    assert by_id["a_below_b"]["status"] == UNSUPPORTED
+    assert by_id["a_below_b"]["failed_controls"] == ["b_beats_shuffled"]
+
+
+def test_headline_counts_only_the_papers_claims(tmp_path):
+    seeds = {s: {"a": {"fvu": 0.1}, "b": {"fvu": 0.2, "shuffled": 0.9}} for s in "012"}
+    claims, metrics = _write(tmp_path, seeds, CONTROLLED)
+    verdicts = tmp_path / "verdicts.json"
+    main(["evaluate", "--claims", str(claims), "--metrics", str(metrics),
+          "--verdicts", str(verdicts), "--results", str(tmp_path / "r.md")])  # fmt: skip
+    table = claims_table([verdicts])
+    assert "The papers' own claims: 1: 1 reproduced." in table
+    assert "## Our controls and sanity checks (2: 2 reproduced)" in table
+    assert "## Revisions made after results were seen" in table and "0.05 was never" in table
+    results = (tmp_path / "r.md").read_text()
+    assert "#### Our controls and sanity checks" in results and "*revised*" in results
+
+
+def test_a_verdict_that_moves_with_the_budget_is_not_settled(tmp_path):
+    full = {s: _seed(0.1, 0.2, 1.0, 0.9) for s in "012"}
+    half = {s: _seed(0.3, 0.2, 1.0, 0.9) for s in "012"}  # A is not yet below B at half budget
+    verdicts = evaluate_claims(*_write(tmp_path, full, half=half))
+    by_id = {c["id"]: c for c in verdicts["claims"]}
+    assert verdicts["settledness_checked"]
+    assert by_id["a_below_b"]["verdict"] == REPRODUCED
+    assert by_id["a_below_b"]["half"]["verdict"] == NOT_REPRODUCED
+    assert by_id["a_below_b"]["status"] == NOT_SETTLED and by_id["a_below_b"]["settled"] is False
+    assert (
+        by_id["b_dead_above_half"]["status"] == REPRODUCED and by_id["b_dead_above_half"]["settled"]
+    )
+    unchecked = evaluate_claims(*_write(tmp_path, full))
+    assert not unchecked["settledness_checked"] and unchecked["claims"][0]["settled"] is None
+
+
+def test_seed_spread_tolerance(tmp_path):
+    spread = CLAIMS.replace('tolerance: {value: 0.05, from: "Table 2 reports 1.00 +- 0.05"}',
+                            "tolerance: seeds")  # fmt: skip
+    seeds = {"0": _seed(0.1, 0.2, 1.02, 0.9), "1": _seed(0.1, 0.2, 1.10, 0.9),
+             "2": _seed(0.1, 0.2, 1.06, 0.9)}  # fmt: skip
+    claim = {c["id"]: c for c in evaluate_claims(*_write(tmp_path, seeds, spread))["claims"]}
+    near = claim["a_near_one"]
+    assert near["tolerance_used"] == pytest.approx(2 * 0.04)  # 2 x sd of gamma; rhs is a number
+    assert near["status"] == INCONCLUSIVE and near["n_holds"] == 2  # 1.10 is outside 1 +- 0.08

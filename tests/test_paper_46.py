@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.hooks import Site
+
 ROOT = Path(__file__).resolve().parent.parent
 _PATH = ROOT / "papers" / "46_monosemanticity" / "monosemanticity.py"
 _spec = importlib.util.spec_from_file_location("monosemanticity_46", _PATH)
@@ -140,7 +142,8 @@ def test_block_embedding_stops_at_the_block():
 
     net = Net()
     images = torch.rand(5, 1, 3, 3)
-    out = ms46.block_embedding(net, net.a, net, lambda b: b, images, batch_size=2)
+    site = Site("a", net.a, "output", "spatial", 0)  # a block of a model common.hooks names none of
+    out = ms46.block_embedding(net, site, net, lambda b: b, images, batch_size=2)
     torch.testing.assert_close(out, net.a(images).mean(dim=(2, 3)))
     assert calls == []  # the forward never got past block a
 

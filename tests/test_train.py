@@ -330,3 +330,23 @@ def test_normalized_training_is_scale_free_and_evaluates_in_raw_units(toy, tmp_p
     assert m_big["fvu"] == pytest.approx(m_small["fvu"], rel=1e-3)
     assert m_big["mse"] == pytest.approx(m_small["mse"] * 1e6, rel=1e-3)  # raw units
     assert SAE.load(tmp_path / "b" / "sae").cfg.input_scale == big.cfg.input_scale
+
+
+def test_half_budget_snapshot_is_the_run_at_half_its_steps(tmp_path):
+    """``snapshot_fractions=(0.5,)`` saves the same run's SAE after half its steps: the weights an
+    interrupted run holds at that step (same schedule), without a second training."""
+    x = torch.randn(2048, 16)
+    cfg = TrainConfig(
+        architecture="topk", sae={"d_sae": 32, "k": 4}, steps=20, batch_size=128,
+        lr_warmup_steps=2, lr_decay_fraction=0.2, snapshot_fractions=(0.5,), seed=1,
+    )  # fmt: skip
+    full = train(cfg, TensorBatches(x, 128, 1), tmp_path / "run", progress=False)
+    half = SAE.load(tmp_path / "run" / "snapshots" / "0.5")
+    stopped = tmp_path / "stopped"
+    train(cfg, TensorBatches(x, 128, 1), stopped, stop_after=10, progress=False)
+    at_ten = SAE.load(stopped / "checkpoint")
+    for name, tensor in half.state_dict().items():
+        assert torch.equal(tensor, at_ten.state_dict()[name]), name
+    assert not torch.equal(half.W_dec, full.W_dec)  # training went on after the snapshot
+    with pytest.raises(ValueError, match="snapshot_fractions"):
+        TrainConfig(architecture="topk", snapshot_fractions=(1.0,))

@@ -4,7 +4,7 @@ The activation store keeps activations only; autointerp also needs which token e
 which window it came from. :func:`lm_activations` runs the same path as
 ``python -m common.activations.extract`` (``tokenize_windows`` -> ``extract`` with the window's
 ``keep`` mask and the in-window separators dropped) into memory, and returns the rows with their
-token ids and window ids in the same row-major order.
+token ids and document ids in the same row-major order.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def lm_activations(
     keep_separators: bool = False,
     progress: bool = False,
 ) -> tuple[Tensor, np.ndarray, np.ndarray]:
-    """(acts (n, d), token_ids (n,), window ids (n,)) of ``n_tokens`` kept tokens at ``site``.
+    """(acts (n, d), token_ids (n,), document ids (n,)) of ``n_tokens`` kept tokens at ``site``.
+
+    Document ids change at every separator and every window start, so a context built from
+    them (``build_records(sequence_ids=...)``) never joins two documents.
 
     ``loaded``: a ``common.models.LoadedModel`` with a tokenizer (or anything ``extract``
     accepts with a ``.tokenizer``). Position 0 of every window and, unless ``keep_separators``,
@@ -58,12 +61,19 @@ def lm_activations(
     if tokenizer is None:
         raise ValueError("the model has no tokenizer: autointerp reads text models only")
     n_windows = math.ceil(n_tokens / max(context_len - drop_first, 1)) + 1
-    windows = tokenize_windows(
-        list(texts), tokenizer, context_len, drop_first=drop_first, max_windows=n_windows
-    )
-    keep = windows.keep
-    if not keep_separators:
-        keep = keep & (windows.ids != windows.ids[:, :1])
+    while True:  # as the extraction CLI: grow the prefix of windows until enough tokens are kept
+        windows = tokenize_windows(
+            list(texts), tokenizer, context_len, drop_first=drop_first, max_windows=n_windows
+        )
+        keep = windows.keep
+        if not keep_separators:
+            keep = keep & (windows.ids != windows.ids[:, :1])
+        kept = int(keep.sum())
+        if kept >= n_tokens or len(windows.ids) < n_windows:
+            break
+        n_windows = math.ceil(n_windows * n_tokens / max(kept, 1)) + 1
+    # a new document starts at every separator (the token each window starts with)
+    doc = np.cumsum((windows.ids == windows.ids[:, :1]).numpy().ravel()).reshape(windows.ids.shape)
     writer = _MemoryWriter()
     extract(
         loaded,
@@ -75,9 +85,8 @@ def lm_activations(
         progress=progress,
     )
     acts = torch.cat(writer.parts)
-    rows = torch.arange(windows.ids.shape[0])[:, None].expand_as(windows.ids)
     ids = windows.ids[keep].numpy()[: acts.shape[0]]
-    seq = rows[keep].numpy()[: acts.shape[0]]
+    seq = doc[keep.numpy()][: acts.shape[0]]
     if len(ids) != acts.shape[0]:
         raise RuntimeError(
             f"{acts.shape[0]} activation rows but {len(ids)} kept tokens: the extraction and the "

@@ -139,20 +139,16 @@ class Paper:
     ) -> Any:
         """A ``TrainConfig`` with the shared settings of ``papers.training``: warm-up over the
         first ``lr_warmup_fraction`` of the steps (at least one), linear decay over the last
-        ``lr_decay_fraction``, clipping at ``grad_clip``, normalised activations. ``overrides``
-        (any ``TrainConfig`` field) win; a paper says why where it overrides one."""
+        ``lr_decay_fraction``, clipping at ``grad_clip``, normalised activations, and a latent
+        counted dead after ``dead_window_fraction`` of the run's tokens (``common.kit.sweep.
+        shared_train_settings``). ``overrides`` (any ``TrainConfig`` field) win; a paper says
+        why where it overrides one."""
+        from common.kit.sweep import shared_train_settings
         from common.train import TrainConfig
 
-        t = self.training
-        settings: dict[str, Any] = {
-            "lr_warmup_steps": max(1, round(t.lr_warmup_fraction * steps)),
-            "lr_decay_fraction": t.lr_decay_fraction,
-            "grad_clip": t.grad_clip,
-            "normalize_activations": t.normalize_activations,
-            "checkpoint_every": steps,
-            "log_every": steps,
-        }
-        settings.update(overrides)
+        settings = shared_train_settings(
+            self.training, steps=steps, batch_size=batch_size, log_every=steps, **overrides
+        )
         return TrainConfig(
             architecture=architecture,
             sae=dict(sae),
@@ -184,6 +180,60 @@ class Paper:
         )
         with tempfile.TemporaryDirectory(prefix=f"{self.folder}_") as tmp:
             return train(cfg, TensorBatches(x, cfg.batch_size, seed), tmp, progress=False)
+
+    def train_budgets(
+        self,
+        architecture: str,
+        sae: dict[str, Any],
+        x: Tensor,
+        *,
+        seed: int,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        **overrides: Any,
+    ) -> dict[str, Any]:
+        """``{"full": SAE, "half": SAE}``: one run of ``train`` and the same run's SAE after half
+        its steps (a snapshot, no second training), for the settledness check: record the
+        metrics of each with ``record(seed, ..., budget=...)``."""
+        from common.sae import SAE
+        from common.train import TensorBatches, snapshot_dir, train
+
+        cfg = self.train_config(
+            architecture, sae, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            snapshot_fractions=(0.5,), **overrides,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix=f"{self.folder}_") as tmp:
+            full = train(cfg, TensorBatches(x, cfg.batch_size, seed), tmp, progress=False)
+            half = SAE.load(snapshot_dir(tmp, 0.5)).to(next(full.parameters()).device)
+        return {"full": full, "half": half.eval()}
+
+    def sweep_sae(self, run: str, seed: int, budget: str = "full") -> Any:
+        """SAE ``run`` of the shared LM sweep (``lm_sweep.saes``) for ``seed``, after the full
+        training budget or half of it (``budget="half"``, a snapshot of the same run)."""
+        from common.kit.sweep import HALF, run_dir
+        from common.sae import SAE
+        from common.train import FINAL_DIR, snapshot_dir
+
+        if run not in self.shared.lm_sweep.saes:
+            raise ValueError(
+                f"papers.{self.folder} reads sweep run {run!r}, which lm_sweep.saes does not have "
+                f"(runs: {sorted(self.shared.lm_sweep.saes)}); add it there"
+            )
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        folder = run_dir(run, seed, self.root)
+        path = folder / FINAL_DIR if budget == "full" else snapshot_dir(folder, HALF)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: train the sweep first (`dvc repro sweep_lm@{run}`)"
+            )
+        return SAE.load(path).eval()
+
+    @property
+    def budgets(self) -> tuple[str, ...]:
+        """The training budgets every claim is checked at: the full one and half of it."""
+        return BUDGETS
 
     # --- outputs --------------------------------------------------------------------------------
     @property

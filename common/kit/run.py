@@ -69,13 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("folder")
     run.add_argument("--no-html", action="store_true", help="skip the HTML export")
     sub.add_parser("folders", help="list the paper folders")
+    sweep = sub.add_parser("sweep", help="train one run of the shared LM sweep, every seed")
+    sweep.add_argument("run")
     args = parser.parse_args(argv)
     try:
         if args.command == "folders":
             print("\n".join(paper_folders()))
+        elif args.command == "sweep":
+            from common.kit.sweep import train_run
+            from common.settings import SharedParams
+
+            params = load_params(os.environ.get("SAE_PARAMS_FILE") or layout.ROOT / "params.yaml")
+            shared_view = {
+                **params,
+                "papers": {k: v for k, v in params["papers"].items() if k not in paper_folders()},
+            }
+            train_run(args.run, SharedParams.model_validate(shared_view))
         else:
             run_folder(args.folder, html=not args.no_html)
-    except ParamsError as err:
+    except (ParamsError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -26,8 +26,9 @@ This module holds the small pieces the notebook needs; training goes through ``c
 
 from __future__ import annotations
 
+import functools
 import tempfile
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,118 @@ def summary(values: Sequence[float] | Tensor) -> dict[str, Any]:
         "min": float(v.min()),
         "max": float(v.max()),
     }
+
+
+# --- the notebook's steps ------------------------------------------------------------------------
+METHODS = ["topk", "archetypal", "ra"]  # the SAEs compared
+REFERENCES = ["nmf", "kmeans", "data_points", "random"]  # dictionaries fitted without an SAE
+
+
+@functools.cache
+def efficientnet_tower(image_size: int) -> Any:
+    """The frozen EfficientNet-Lite0 image tower at ``image_size`` px (loaded once)."""
+    from common.models.clip_style import ImageTower
+    from common.models.loading import load_model
+
+    return ImageTower(load_model("efficientnet-lite0"), image_size)
+
+
+def load_features(
+    datasets: Sequence[str],
+    split: str,
+    n: int,
+    n_cached: int,
+    cache_dir: str | Path,
+    image_size: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The first ``n`` cached pooled features per dataset of ``split`` (the feature cache holds
+    ``n_cached``), their global labels (dataset offset + class), the images at 28 px in [0, 1]
+    and the number of labels. The features are EfficientNet-Lite0's at ``image_size`` px, whatever
+    ``papers.clip`` names."""
+    import torch.nn.functional as F
+
+    from common.models.clip_style import shared_image_features
+
+    tower = efficientnet_tower(image_size)
+
+    if n > n_cached:
+        raise ValueError(
+            f"{split}: asked for {n} images per dataset but the train_clip_style stage caches "
+            f"{n_cached}; lower it or raise clip_style.n_{split} and re-run that stage"
+        )
+    feats, labels, images, offset = [], [], [], 0
+    for name in datasets:
+        folder = Path(cache_dir) / f"{name}-{split}-{tower.image_size}px"
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"no cached features at {folder}: run the train_clip_style stage first "
+                "(dvc repro train_clip_style), which writes data/vision/image_features"
+            )
+        f, s = shared_image_features(
+            name,
+            split,
+            n_cached,
+            seed=0,
+            cache_dir=cache_dir,
+            image_size=tower.image_size,
+            tower=tower,
+            progress=False,
+        )
+        m = min(n, len(s))
+        feats.append(f[:m])
+        labels.append(s.labels[:m] + offset)
+        images.append(F.interpolate(s.images[:m, None].float(), size=(28, 28))[:, 0] / 255)
+        offset += len(s.class_names)
+    return torch.cat(feats), torch.cat(labels), torch.cat(images), offset
+
+
+def seed_metrics(seed: int, stab: Any, recon: Any, plaus: Any) -> dict[str, Any]:
+    """One seed's metrics under ``derived``: the seed-variant and the subset-variant pair reported
+    under ``seed`` (stability at the end, at initialisation, with the mean direction removed),
+    and the reconstruction and plausibility of that seed's run."""
+    derived: dict[str, Any] = {}
+    for variant in ["seeds", "subsets"]:
+        d = stab[(stab.variant == variant) & (stab.seed == seed)].set_index("method")
+        derived[variant] = {
+            "stability": {m: float(d.loc[m, "stability"]) for m in METHODS + REFERENCES},
+            "stability_init": {m: float(d.loc[m, "at_init"]) for m in METHODS},
+            "stability_mean_removed": {
+                m: float(d.loc[m, "mean_removed"]) for m in METHODS + REFERENCES
+            },
+            "pair": str(d.loc["topk", "pair"]),
+        }
+    r = recon[recon.seed == seed].set_index("method")
+    p = plaus[plaus.seed == seed].set_index("method")
+    for col in ["fvu", "r2", "cosine", "l0", "alive_fraction", "train_seconds"]:
+        derived[col] = {m: float(r.loc[m, col]) for m in METHODS}
+    derived["plausibility"] = {
+        col: {m: float(p.loc[m, col]) for m in p.index}
+        for col in ["probe", "nearest_data_cosine", "cone_cosine", "negative_mass"]
+    }
+    return {"derived": derived}
+
+
+def sae_hyper(method: str, p: Any) -> dict[str, Any]:
+    """The hyperparameters of ``method`` (topk, archetypal, ra) from the paper's params ``p``."""
+    sae: dict[str, Any] = {"d_sae": p.d_sae, "k": p.k}
+    if method != "topk":
+        sae |= {"n_candidates": p.n_candidates, "kmeans_iterations": p.kmeans_iterations}
+    if method == "ra":
+        sae["delta"] = p.ra_delta
+    return sae
+
+
+def reference_dictionaries(
+    jobs: Sequence[tuple[str, Any, Tensor]], seed: int, d_sae: int, nmf_max_iter: int
+) -> Mapping[tuple[str, str, Any], Tensor]:
+    """NMF, k-means, random data points and random Gaussian atoms for each ``(variant, key, x)``
+    job of ``seed``; data points and random atoms are a fresh draw per run."""
+    out = {}
+    for variant, key, x in jobs:
+        out[(variant, "nmf", key)] = nmf_dictionary(x, d_sae, seed, nmf_max_iter)
+        out[(variant, "kmeans", key)] = kmeans_dictionary(x, d_sae, seed)
+        draw = 7919 * seed + (0 if variant == "seeds" else 101 + key[1])
+        out[(variant, "data_points", key)] = data_point_dictionary(x, d_sae, draw)
+        g = torch.Generator().manual_seed(draw)
+        out[(variant, "random", key)] = torch.randn(d_sae, x.shape[1], generator=g)
+    return out

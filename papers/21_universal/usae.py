@@ -14,15 +14,15 @@ reconstructs *every* model's activations of the same inputs from that code (Sec.
 
     L = sum_j || A_j - Psi_i(A_i) D_j ||_F^2 .
 
-Here: the activations (``pooled_site_activations``, ``image_split``), their per-model standardisation
-(``Standardizer``: centred, scaled so E||A_j - mu_j||^2 = 1 on the training set, so each term of L
-is a fraction of variance and no model dominates because it is wider), the shuffled-pairing
-control, and the evaluation: the cross-reconstruction matrix FVU[i, j] (encode with i, decode to
-j), per-latent co-firing (a latent that fires for model i on an image also fires for model j on
-the same image) and firing entropy (how evenly a latent's firings are spread over the models),
-against a USAE trained with the image pairing between models shuffled, and against independent
-SAEs joined by a post-hoc linear map (``independent_map_fvu``), and the claims' numbers per seed
-(``seed_metrics``).
+Here: the activations (``pooled_site_activations``, ``image_split``), their per-model
+standardisation (``Standardizer``: centred, scaled so E||A_j - mu_j||^2 = 1 on the training set, so
+each term of L is a fraction of variance and no model dominates because it is wider), the
+shuffled-pairing control, and the evaluation: the cross-reconstruction matrix FVU[i, j] (encode
+with i, decode to j), per-latent co-firing (a latent that fires for model i on an image also fires
+for model j on the same image) and firing entropy (how evenly a latent's firings are spread over
+the models), against a USAE trained with the image pairing between models shuffled and against
+independent SAEs joined by a post-hoc linear map (``independent_map_fvu``); and the claims'
+numbers per seed (``seed_metrics``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from common.sae.universal import UniversalSAE
 
 # --- activations ----------------------------------------------------------------------------------
 def _pool(site: hooks.Site, x: Tensor) -> Tensor:
-    """a_n = (1 / HW) sum_{h,w} x_n[:, h, w]: one vector per image of a spatial site (B, C, H, W)."""
+    """a_n = (1 / HW) sum_{h,w} x_n[:, h, w]: one vector per image of a spatial site's map."""
     if site.layout != "spatial":
         raise ValueError(f"site {site.name!r} is not a spatial CNN site")
     return x.mean((2, 3))
@@ -248,7 +248,7 @@ def ridge_cv(
 
 
 def sae_codes(sae: SAE, x: Tensor) -> Tensor:
-    """z = encode(c x): an SAE trained on normalised activations encodes them scaled the same way."""
+    """z = encode(c x): an SAE trained on normalised activations encodes them scaled alike."""
     with torch.no_grad():
         return sae.encode(sae.scale_in(x))
 
@@ -327,7 +327,7 @@ def sharing_summary(
 
 
 def top_images(z: Tensor, latent: int, n: int) -> Tensor:
-    """Indices of the (at most) ``n`` inputs that excite ``latent`` most, among those it fires on."""
+    """Indices of the (at most) ``n`` inputs that excite ``latent`` most, of those it fires on."""
     values, idx = z[:, latent].topk(n)
     return idx[values > 0]
 
@@ -363,7 +363,13 @@ def pick_concepts(
     return picked + [s for s in eligible if s not in picked][: n_concepts - len(picked)]
 
 
-SHARING_KEYS = ("alive_fraction", "cofire_mean", "shared_share", "entropy_mean", "entropy_high_share")
+SHARING_KEYS = (
+    "alive_fraction",
+    "cofire_mean",
+    "shared_share",
+    "entropy_mean",
+    "entropy_high_share",
+)
 
 
 def seed_metrics(

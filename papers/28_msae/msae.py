@@ -275,3 +275,206 @@ def class_selective_latent(
     if len(exclude):
         score[list(exclude)] = -math.inf
     return int(score.argmax())
+
+
+# --- the notebook's steps ---------------------------------------------------------------------
+def load_embeddings(
+    clip: torch.nn.Module,
+    datasets: Sequence[str],
+    sizes: dict[str, int],
+    cache_dir: str,
+    clip_dir: str,
+) -> tuple[dict, dict, dict, list[str], dict]:
+    """CLIP image embeddings of the seeded subsets (``sizes[split]`` images per dataset, pooled
+    features from the pipeline's cache, projected by the image head): per split the embeddings,
+    the global labels (10 * dataset + class) and the images per dataset; the class words (the
+    20 labels' names) and each dataset's zero-shot class weights."""
+    from common.models.clip_style import TEMPLATES, shared_image_features
+
+    emb, labels, images, class_words, zs_weights = {}, {}, {}, [], {}
+    for split, n in sizes.items():
+        e_parts, y_parts, img_parts = [], [], []
+        for d, name in enumerate(datasets):
+            feats, subset = shared_image_features(
+                name,
+                split,
+                n,
+                seed=0,
+                cache_dir=cache_dir,
+                image_size=clip.cfg.image_size,
+                clip_dir=clip_dir,
+                tower=clip.image_tower,  # a hub CLIP's own tower in the GPU/hub profile
+                progress=False,
+            )
+            with torch.no_grad():
+                e_parts.append(clip.project_image_features(feats))
+            y_parts.append(subset.labels + 10 * d)
+            img_parts.append(subset.images)
+            if split == "train":
+                class_words += list(subset.class_names)
+                with torch.no_grad():
+                    zs_weights[name] = clip.zero_shot_weights(
+                        list(subset.class_names), list(TEMPLATES[name])
+                    )
+        emb[split], labels[split] = torch.cat(e_parts), torch.cat(y_parts)
+        images[split] = img_parts
+    return emb, labels, images, class_words, zs_weights
+
+
+def coarse_fine(sae: SAE, x: Tensor, labels: Tensor, k_small: int, k_large: int, top_m: int):
+    """Label entropy and firing rate of the coarse latents (used within ``k_small`` by some input),
+    the fine ones (only ever added between ``k_small`` and ``k_large``) and the mostly coarse ones
+    (used within ``k_small`` at least as often as beyond), and their numbers."""
+    z = encode_at(sae, x, k_large)
+    coarse_uses, fine_uses = rank_usage(z, k_small, k_large)
+    stats = top_image_stats(z, labels, top_m)
+    ok = ~np.isnan(stats["entropy"])
+    groups = {
+        "coarse": ok & (coarse_uses > 0),  # used within the smallest k by some input
+        "fine": ok & (coarse_uses == 0) & (fine_uses > 0),  # only ever added at larger k
+        "mostly_coarse": ok & (coarse_uses > 0) & (coarse_uses >= fine_uses),
+    }
+    out = {}
+    for group, mask in groups.items():
+        any_ = bool(mask.any())
+        out[f"entropy_{group}"] = float(stats["entropy"][mask].mean()) if any_ else float("nan")
+        out[f"firing_{group}"] = (
+            float(stats["n_fire"][mask].mean() / len(z)) if any_ else float("nan")
+        )
+        out[f"n_{group}"] = int(mask.sum())
+    return out
+
+
+def naming_scores(
+    sae: SAE, x: Tensor, labels: Tensor, vocab_x: Tensor, n_labels: int, p, seed: int
+) -> tuple[dict, tuple[np.ndarray, np.ndarray], dict]:
+    """Naming accuracy on the latents whose ``p.top_m`` top images are mostly one class (share
+    >= ``p.min_purity``), its shuffled control, and the share of named latents; also the names
+    (and best cosines) and the top-image statistics."""
+    z = encode_at(sae, x)
+    stats = top_image_stats(z, labels, p.top_m)
+    names, best = name_latents(sae.W_dec.detach(), vocab_x, p.name_threshold)
+    pure = np.flatnonzero(stats["purity"] >= p.min_purity)
+    truth = stats["majority"][pure]  # the class index is the word index (class names first)
+    named = names >= 0
+    row = {
+        "accuracy": naming_accuracy(names[pure], truth),
+        "shuffled": shuffled_naming_accuracy(names[pure], truth, seed=seed),
+        "n_pure": len(pure),
+        "named_fraction": float(named.mean()),
+        "class_word_fraction": float((names[named] < n_labels).mean())
+        if named.any()
+        else float("nan"),
+    }
+    return row, (names, best), stats
+
+
+def steering_targets(y_q: Tensor, seed: int) -> np.ndarray:
+    """For each query a random other class of its own dataset (labels 10 * dataset + class)."""
+    rng = np.random.default_rng(seed)
+    return np.array(
+        [10 * (int(y) // 10) + rng.choice([c for c in range(10) if c != int(y) % 10]) for y in y_q]
+    )
+
+
+def concept_unit(z_gal: Tensor, c: int) -> float:
+    """The mean positive activation of latent ``c`` on the gallery (1 if it never fires)."""
+    return float(z_gal[:, c][z_gal[:, c] > 0].mean()) if (z_gal[:, c] > 0).any() else 1.0
+
+
+def steering_shares(
+    z_gal: Tensor,
+    y_gal: Tensor,
+    z_q: Tensor,
+    y_q: Tensor,
+    targets: np.ndarray,
+    concept: dict[int, int],
+    strengths: Sequence[float],
+    n_neighbours: int,
+) -> dict[str, dict[float, float]]:
+    """Per strength a, the mean share of each query's neighbours (codes steered toward its target
+    concept) that are of the target class, and that are of the query's own class."""
+    shares = {a: [] for a in strengths}
+    own = {a: [] for a in strengths}
+    for i in range(len(z_q)):
+        c = concept[int(targets[i])]
+        unit = concept_unit(z_gal, c)
+        for a in strengths:
+            idx, _ = code_neighbours(steer(z_q[i : i + 1], c, a, unit), z_gal, n_neighbours)
+            ys = y_gal[idx[0]]
+            shares[a].append(float((ys == int(targets[i])).float().mean()))
+            own[a].append(float((ys == int(y_q[i])).float().mean()))
+    return {
+        "target_share": {a: float(np.mean(v)) for a, v in shares.items()},
+        "query_class_share": {a: float(np.mean(v)) for a, v in own.items()},
+    }
+
+
+def _nn(v) -> float | None:
+    """Strict JSON: NaN / inf -> null."""
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def seed_metrics(
+    f,
+    matched: dict,
+    hierarchy: dict,
+    naming: dict,
+    steering: dict,
+    *,
+    zero_shot_original: float,
+    msae_ks: Sequence[int],
+    steer_strengths: Sequence[float],
+    train_seconds: float,
+) -> dict:
+    """One seed's metrics: every frontier point (``f``: this seed's rows), the matched-L0
+    comparison, the hierarchy, naming and steering statistics, and under ``derived`` the numbers
+    the claims compare (NaN / inf -> null)."""
+    points = {
+        fam: {
+            r.setting: {"l0": r.l0, "fvu": r.fvu, "cosine": r.cosine, "zero_shot": r.zero_shot}
+            for r in g.itertuples()
+        }
+        for fam, g in f.groupby("family")
+    }
+    m, h, nm, st = matched, hierarchy, naming, steering
+    msae_k = f[f.family == "msae"].set_index("setting")
+    single = f[f.family == "topk_single"].set_index("setting")
+    shared_k = [s for s in msae_k.index if s in single.index]
+    relu_row = f[f.family == "msae_relu"].iloc[0]
+    derived = {
+        "matched_l0": _nn(m["fvu"]["l0"]),
+        **{f"fvu_at_l0_{fam}": _nn(m["fvu"][fam]) for fam in ("msae", "topk", "relu")},
+        **{f"cosine_at_l0_{fam}": _nn(m["cosine"][fam]) for fam in ("msae", "topk", "relu")},
+        "msae_mean_fvu_over_k": _nn(msae_k.loc[shared_k, "fvu"].mean()) if shared_k else None,
+        "topk_single_mean_fvu_over_k": _nn(single.loc[shared_k, "fvu"].mean())
+        if shared_k
+        else None,
+        "zero_shot_original": zero_shot_original,
+        "zero_shot_msae_relu": _nn(relu_row.zero_shot),
+        "zero_shot_msae_kmax": _nn(msae_k.loc[f"k={msae_ks[-1]}", "zero_shot"]),
+        "msae_relu_l0": _nn(relu_row.l0),
+        "msae_relu_fvu": _nn(relu_row.fvu),
+        "msae_relu_cosine": _nn(relu_row.cosine),
+        **{f"entropy_{g}": _nn(h["msae"][f"entropy_{g}"]) for g in ("coarse", "fine")},
+        "entropy_mostly_coarse": _nn(h["msae"]["entropy_mostly_coarse"]),
+        **{f"topk_entropy_{g}": _nn(h["topk"][f"entropy_{g}"]) for g in ("coarse", "fine")},
+        "naming_accuracy": _nn(nm["msae"]["accuracy"]),
+        "naming_shuffled": _nn(nm["msae"]["shuffled"]),
+        "topk_naming_accuracy": _nn(nm["topk"]["accuracy"]),
+        "target_share_unsteered": st["target_share"][steer_strengths[0]],
+        "target_share_steered": st["target_share"][steer_strengths[-1]],
+        "query_class_share_unsteered": st["query_class_share"][steer_strengths[0]],
+    }
+    return {
+        "frontier": {
+            fam: {s: {k: _nn(v) for k, v in d.items()} for s, d in pts.items()}
+            for fam, pts in points.items()
+        },
+        "matched": {metric: {k: _nn(v) for k, v in r.items()} for metric, r in m.items()},
+        "hierarchy": {fam: {k: _nn(v) for k, v in r.items()} for fam, r in h.items()},
+        "naming": {fam: {k: _nn(v) for k, v in r.items()} for fam, r in nm.items()},
+        "steering": {key: {f"{a:g}": v for a, v in d.items()} for key, d in st.items()},
+        "train_seconds": train_seconds,
+        "derived": derived,
+    }

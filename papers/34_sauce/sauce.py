@@ -255,3 +255,95 @@ def top_activating(z: Tensor, feature: int, n: int) -> Tensor:
     """Indices of the n rows of z with the largest activation of ``feature`` (only those > 0)."""
     values, idx = z[:, feature].topk(min(n, len(z)))
     return idx[values > 0]
+
+
+# --- the notebook's steps ------------------------------------------------------------------------
+def concept_sets(
+    concept: Concept, train_labels: dict[str, Tensor], negatives: str
+) -> tuple[Tensor, Tensor]:
+    """D_c and D_nc as masks over the concatenated training images of the datasets (in the order
+    of ``train_labels``): D_nc is every other image (``negatives="all"``) or only those of the
+    concept's own dataset (``"same_domain"``)."""
+    pos, neg = [], []
+    for name, y in train_labels.items():
+        if name == concept.dataset:
+            is_c = torch.isin(y, torch.tensor(concept.classes))
+            pos.append(is_c)
+            neg.append(~is_c)
+        else:
+            pos.append(torch.zeros_like(y, dtype=torch.bool))
+            neg.append(torch.full_like(y, negatives == "all", dtype=torch.bool))
+    return torch.cat(pos), torch.cat(neg)
+
+
+def seed_metrics(
+    seed: int,
+    grid,
+    recon,
+    baseline,
+    originals: dict,
+    concepts: Sequence[Concept],
+    *,
+    metric_cols: Sequence[str],
+    k_main: int,
+    gamma_main: float,
+    other_negatives: str,
+    d_sae: int,
+) -> dict:
+    """One seed's metrics: the SAE, the spliced accuracies, every concept at the operating point
+    and the sweep over the concrete concepts, and under ``derived`` the means the claims compare
+    (every concrete concept, the Fashion-MNIST ones, the digits, the abstract ones)."""
+
+    def means(frame) -> dict[str, float]:
+        return {c: float(frame[c].mean()) for c in metric_cols}
+
+    g = grid[grid.seed == seed]
+    at = g[(g.k == k_main) & (g.gamma == gamma_main)]
+    rec = recon[recon.seed == seed].set_index("dataset")
+    bl = baseline[(baseline.seed == seed) & (baseline.variant == "SAE spliced")]
+    edits = ("SAUCE", "random", "SAUCE, no error term", f"SAUCE, {other_negatives} negatives")
+    out = {
+        "sae": {
+            "d_sae": d_sae,
+            "l0": float(rec.l0.mean()),
+            "alive_fraction": float(rec.alive.iloc[0]),
+            "train_seconds": float(rec.train_seconds.iloc[0]),
+        }
+        | {f"fvu_{n.replace('-', '_')}": float(rec.loc[n, "fvu"]) for n in rec.index},
+        "spliced_accuracy": {
+            f"{r.readout}_{r.dataset.replace('-', '_')}": float(r.accuracy) for r in bl.itertuples()
+        },
+        "per_concept": {
+            c.name: {m: means(at[(at.concept == c.name) & (at.method == m)]) for m in edits}
+            | {"no edit": originals[c.name]}
+            for c in concepts
+        },
+        "sweep": [
+            {"method": m, "k": int(k), "gamma": float(gm)} | means(sub)
+            for (m, k, gm), sub in g[g.method.isin(["SAUCE", "random"]) & ~g.abstract].groupby(
+                ["method", "k", "gamma"]
+            )
+        ],
+    }
+    derived = {}
+    domain = g.concept.map({c.name: c.dataset for c in concepts})
+    groups = {  # concept groups the claims average over
+        "": ~g.abstract,  # every concrete concept
+        "_fashion": ~g.abstract & (domain == "fashion-mnist"),
+        "_digits": ~g.abstract & (domain == "digits"),
+        "_abstract": g.abstract,
+    }
+    suffixes = ("", "_random", "_no_error", f"_{other_negatives}_negatives")
+    for kind, mask in groups.items():
+        if not mask.any():
+            continue
+        for method, suffix in (*zip(edits, suffixes), ("no edit", "_original")):
+            sub = g[mask & (g.method == method)]
+            if method != "no edit":
+                sub = sub[(sub.k == k_main) & (sub.gamma == gamma_main)]
+            derived |= {f"{c}{kind}{suffix}": v for c, v in means(sub).items()}
+    concrete_at = at[~at.abstract & (at.method == "SAUCE")]
+    derived["min_ua_probe"] = float(concrete_at.ua_probe.min())
+    derived["share_concepts_ua_probe_over_0_9"] = float((concrete_at.ua_probe > 0.9).mean())
+    out["derived"] = derived
+    return out

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.hooks import Site, run_until
+
 
 def _check_acts(acts: Tensor) -> None:
     if acts.ndim != 2:
@@ -155,42 +157,28 @@ def pixel_embedding(images: list[Tensor], size: int = 28) -> Tensor:
     return flat - flat.mean(0)
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def block_embedding(
     model: torch.nn.Module,
-    block: torch.nn.Module,
+    site: str | Site,
     forward: Callable[[Tensor], object],
     pixels: Callable[[Tensor], Tensor],
     images: Tensor,
     batch_size: int = 128,
 ) -> Tensor:
-    """Spatially pooled output of one ``block`` of a CNN (N, C), stopping the forward there.
+    """Spatially pooled output (N, C) of the CNN block at ``site`` (``block.L`` of EfficientNet,
+    or a ``common.hooks.Site``), the forward pass stopped there (``common.hooks.run_until``).
 
-    ``pixels`` turns a batch of images into the network's input, ``forward`` runs the network;
-    a forward hook on ``block`` records its mean over space and aborts the rest of the pass.
+    ``pixels`` turns a batch of images into the network's input, ``forward`` runs the network.
     """
-    out: list[Tensor] = []
-
-    def hook(_: torch.nn.Module, __: object, output: Tensor) -> None:
-        out.append(output.float().mean(dim=(2, 3)))
-        raise _Stop
-
-    handle = block.register_forward_hook(hook)
     model.eval()
-    try:
-        for i in range(0, len(images), batch_size):
-            try:
-                forward(pixels(images[i : i + batch_size]))
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    out: list[Tensor] = []
+    for i in range(0, len(images), batch_size):
+        x = pixels(images[i : i + batch_size])
+        acts = run_until(model, [site], lambda x=x: forward(x))
+        out.append(next(iter(acts.values())).float().mean(dim=(2, 3)))
     if not out:
-        raise RuntimeError("the hooked block never ran: is it part of the forward pass?")
+        raise ValueError("no images to embed")
     return torch.cat(out)
 
 
@@ -212,3 +200,135 @@ def summarise(scores: Tensor) -> dict[str, float]:
         "q75": float(q[2]),
         "n": float(len(s)),
     }
+
+
+# --- the notebook's steps ------------------------------------------------------------------------
+@torch.no_grad()
+def load_layer(
+    clip: torch.nn.Module,
+    datasets: list[str],
+    n_images: int,
+    n_eval: int,
+    cache_dir: str,
+    clip_dir: str,
+) -> dict[str, object]:
+    """The layer under study on a seeded subset of each dataset's training split (the cached
+    pooled tower features, ``n_images`` per dataset): the CLIP-style embeddings ``emb``, the pooled
+    channels ``pooled``, global labels ``y`` and their names, the images per dataset, and
+    ``is_eval``, True on the last ``n_eval`` images of each dataset (held out from SAE training)."""
+    from common.models.clip_style import shared_image_features
+
+    pooled, embeds, labels, images, is_eval, label_names = [], [], [], [], [], []
+    for name in datasets:
+        feats, subset = shared_image_features(
+            name,
+            "train",
+            n_images,
+            seed=0,
+            cache_dir=cache_dir,
+            image_size=clip.cfg.image_size,
+            clip_dir=clip_dir,
+            tower=clip.image_tower,
+            progress=False,
+        )
+        if len(feats) <= n_eval:
+            raise ValueError(f"{name}: {len(feats)} images, need more than n_eval={n_eval}")
+        embeds.append(clip.project_image_features(feats))
+        pooled.append(feats)
+        labels.append(subset.labels + len(label_names))
+        label_names += [f"{name}/{c}" for c in subset.class_names]
+        images.append(subset.images)
+        flag = torch.zeros(len(feats), dtype=torch.bool)
+        flag[-n_eval:] = True
+        is_eval.append(flag)
+    return {
+        "emb": torch.cat(embeds),
+        "pooled": torch.cat(pooled),
+        "y": torch.cat(labels),
+        "label_names": label_names,
+        "images": images,
+        "is_eval": torch.cat(is_eval),
+    }
+
+
+def _clean(v: object) -> object:
+    """Strict JSON: non-finite floats -> None, recursively."""
+    if isinstance(v, dict):
+        return {kk: _clean(vv) for kk, vv in v.items()}
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+SAE_COLUMNS = ("fvu", "l0", "alive_fraction", "ms_mean", "ms_median", "wms_mean", "wms_median")
+
+
+def seed_metrics(
+    seed: int,
+    sae_table,
+    groups_table,
+    main_scores: dict,
+    neuron_scores: dict,
+    control: dict,
+    sbar: dict[str, float],
+    p,
+) -> dict:
+    """One seed's metrics (non-finite -> None): the main SAE, its nested groups, every SAE of the
+    sweeps, and under ``derived`` the medians over units the claims compare (main SAE and neurons
+    under each embedder, the ends of the width and sparsity sweeps, the shuffle control)."""
+
+    def med(x: Tensor) -> float:
+        return summarise(x)["median"]
+
+    t = sae_table[sae_table.seed == seed]
+    sweep = t[t.sweep == "sweep"]
+
+    def sweep_value(exp: int, k_: int, col: str) -> float:
+        return float(sweep[(sweep.expansion == exp) & (sweep.k == k_)][col].iloc[0])
+
+    main = t[t.sweep == "main"].iloc[0]
+    sae, neurons = main_scores["effnet_block"], neuron_scores[("neurons", "effnet_block")]
+    pooled = neuron_scores[("pooled_neurons", "effnet_block")]
+    derived = {
+        "ms_median_sae": med(sae[0]),
+        "ms_median_neurons": med(neurons[0]),
+        "ms_median_pooled_neurons": med(pooled[0]),
+        "wms_median_sae": med(sae[1]),
+        "wms_median_neurons": med(neurons[1]),
+        "wms_median_pooled_neurons": med(pooled[1]),
+        "wms_shuffled_mean": summarise(control["wms_shuffled"])["mean"],
+        "mean_similarity": sbar["effnet_block"],
+        "ms_shuffled_mean": summarise(control["ms_shuffled"])["mean"],
+        "ms_shuffled_expected": summarise(control["ms_expected"])["mean"],
+    }
+    for e in ("pixels", "labels"):
+        derived[f"wms_median_sae_{e}"] = med(main_scores[e][1])
+        derived[f"wms_median_neurons_{e}"] = med(neuron_scores[("neurons", e)][1])
+        derived[f"wms_median_pooled_neurons_{e}"] = med(neuron_scores[("pooled_neurons", e)][1])
+        derived[f"mean_similarity_{e}"] = sbar[e]
+    lo_e, hi_e, lo_k, hi_k = min(p.expansions), max(p.expansions), min(p.ks), max(p.ks)
+    for col, short in (("wms_median", "wms"), ("ms_median", "ms")):
+        derived[f"{short}_median_width_min"] = sweep_value(lo_e, p.k, col)
+        derived[f"{short}_median_width_max"] = sweep_value(hi_e, p.k, col)
+        derived[f"{short}_median_k_min"] = sweep_value(p.expansion, lo_k, col)
+        derived[f"{short}_median_k_max"] = sweep_value(p.expansion, hi_k, col)
+    sweeps = {
+        f"{r.sweep}_{r.architecture}_x{r.expansion}_k{r.k}": {
+            c: float(getattr(r, c)) for c in SAE_COLUMNS
+        }
+        for r in t.itertuples()
+    }
+    g = groups_table[groups_table.seed == seed]
+    derived["wms_median_sae_first_group"] = float(g.wms_median.iloc[0])
+    derived["wms_median_sae_last_group"] = float(g.wms_median.iloc[-1])
+    return _clean(
+        {
+            "main_sae": {c: float(main[c]) for c in ("fvu", "l0", "alive_fraction")},
+            "main_sae_groups": {
+                r.latents: {"firing_rate": r.firing_rate, "wms_median": r.wms_median}
+                for r in g.itertuples()
+            },
+            "saes": sweeps,
+            "derived": derived,
+        }
+    )

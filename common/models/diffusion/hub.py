@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common.models.diffusion import DiffusionModel, check_captions
+from common.models.diffusion.conditioning import check_captions
+from common.models.diffusion.unet import DiffusionModel
 
 DEFAULT_TEMPLATES = ("a photo of a {}",)
 SDXL_EMBED_TYPE = "text_time"  # UNet2DConditionModel.config.addition_embed_type of SDXL

@@ -1,0 +1,5 @@
+"""``python -m common.models.diffusion train|sample ...``."""
+
+from common.models.diffusion.cli import main
+
+main()
