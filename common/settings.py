@@ -529,7 +529,9 @@ def _sweep_saes() -> dict[str, Any]:
     for arch in ("batchtopk", "matryoshka", "switch", "mp"):
         runs[f"{arch}_k32"] = {"architecture": arch, "d_sae": w, "k": 32}
     runs["switch_k32"]["n_experts"] = 4
-    runs["msae"] = {"d_sae": w, "ks": [8, 16, 32, 64]}
+    # MSAE at its largest k at inference: the ReLU-only inference of paper 28 over-reconstructs
+    # SmolLM2 activations (gamma about 2, FVU above 1 at L0 ~400; see papers/00_compare)
+    runs["msae"] = {"d_sae": w, "ks": [4, 8, 16, 32], "inference_topk": True}
     runs["archetypal_k32"] = {
         "architecture": "archetypal",
         "d_sae": w,

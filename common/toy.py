@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     """Write a toy data set as safetensors: ``x``, ``x_eval`` (held out), ``features``, codes."""
     import argparse
     import inspect
+    import json
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -169,11 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         tensors["parents"] = data.parents.contiguous()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        tensors,
-        str(out),
-        metadata={"generator": args.generator, **{k: str(v) for k, v in kwargs.items()}},
-    )
+    # One metadata entry (JSON with sorted keys): safetensors writes a multi-key mapping in a
+    # random order, which would change the file's bytes (and DVC's hash) on every run.
+    settings = {"generator": args.generator, **{k: str(v) for k, v in kwargs.items()}}
+    save_file(tensors, str(out), metadata={"toy": json.dumps(settings, sort_keys=True)})
     print(
         f"wrote {out}: {len(tensors['x'])} train / {n_eval} eval vectors, "
         f"true L0 {data.true_l0:.2f}"

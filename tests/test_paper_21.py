@@ -125,3 +125,35 @@ def test_training_on_shared_data_beats_shuffled_pairing():
     assert {paired.model_for_step(t) for t in range(100)} == {0, 1}  # both encoders trained
     with pytest.raises(ValueError, match="paired"):
         concat_models([xs[0], xs[1][:5]])
+
+
+def test_seed_metrics_hold_every_claims_path():
+    # The notebook records usae.seed_metrics per seed; every lhs/rhs path of claims.yaml must be
+    # in it, and the derived numbers follow from the matrices and summaries.
+    import yaml
+
+    u = np.array([[0.2, 0.3], [0.4, 0.1]])
+    fvu = {
+        "usae": u,
+        "shuffled": np.array([[0.2, 0.9], [1.1, 0.1]]),
+        "independent_map": np.array([[0.15, 0.5], [0.6, 0.05]]),
+        "dense_ridge": np.array([[0.0, 0.2], [0.3, 0.0]]),
+    }
+    summary = dict.fromkeys(usae.SHARING_KEYS, 0.5) | {"chance_cofire_mean": 0.1}
+    sharing = {k: dict(summary) for k in ("usae", "permuted_pairs", "shuffled")}
+    m = usae.seed_metrics(fvu, sharing, 0.25)
+    d = m["derived"]
+    assert d["cross_fvu"] == pytest.approx(0.35) and d["self_fvu"] == pytest.approx(0.15)
+    assert d["cross_minus_self_fvu"] == pytest.approx(((0.3 - 0.1) + (0.4 - 0.2)) / 2)
+    assert d["cross_over_shuffled_cross"] == pytest.approx(0.35 / 1.0)
+    assert m["fvu"]["usae"] == u.tolist() and d["top_image_overlap"] == 0.25
+    claims = yaml.safe_load((ROOT / "papers/21_universal/claims.yaml").read_text())["claims"]
+    for claim in claims:
+        for side in ("lhs", "rhs"):
+            if isinstance(claim[side], str):
+                value = m
+                for key in claim[side].split("."):
+                    value = value[key]
+                assert isinstance(value, float), (claim["id"], side)
+    _, none_alive = usae.sharing_summary([torch.zeros(4, 3), torch.zeros(4, 3)], 1, 0.5)
+    assert none_alive["alive_fraction"] == 0.0 and none_alive["shared_share"] is None

@@ -142,7 +142,7 @@ def test_block_embedding_stops_at_the_block():
 
     net = Net()
     images = torch.rand(5, 1, 3, 3)
-    site = Site("a", net.a, "output", "spatial", 0)  # a block of a model common.hooks names none of
+    site = Site("a", net.a, "output", "spatial", 0)  # by hand: no named sites on this toy net
     out = ms46.block_embedding(net, site, net, lambda b: b, images, batch_size=2)
     torch.testing.assert_close(out, net.a(images).mean(dim=(2, 3)))
     assert calls == []  # the forward never got past block a

@@ -25,15 +25,25 @@ changes the block's output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch import Tensor
 
-from common.models.diffusion import DiffusionModel, capture_sites, sample
+from common.models.diffusion import (
+    DiffusionModel,
+    UNetTokens,
+    capture_sites,
+    load_tokens,
+    replace_site,
+    sample,
+    save_tokens,
+)
 from common.sae import SAE
 
 
@@ -58,21 +68,22 @@ def collect_tokens(
     site: str,
     captions: Sequence[str],
     labels: Tensor,
+    store: str | Path,
     *,
     num_steps: int,
     guidance_scale: float,
     eta: float,
     seed: int,
     value: str = "update",
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[SiteTokens, Tensor]:
     """Sample ``captions`` once (one batch) while recording ``site``; returns tokens and images.
 
-    With guidance the U-Net sees 2n rows per call: row r < n is the unconditional input of
-    caption r, row n + r its conditional input (``common.models.diffusion.sample``).
+    The tokens go into an activation store at ``store`` (``save_tokens``: shards, manifest and
+    checksums, with each token's timestep and row beside them) and are read back from it.
     """
     if len(labels) != len(captions):
         raise ValueError(f"{len(labels)} labels for {len(captions)} captions")
-    n = len(captions)
     with capture_sites(model.unet, [site], value=value) as cap:
         images = sample(
             model,
@@ -81,18 +92,27 @@ def collect_tokens(
             guidance_scale=guidance_scale,
             eta=eta,
             seed=seed,
-            batch_size=n,
+            batch_size=len(captions),
         )
-    rows = cap.rows(site)
+    save_tokens(cap, site, store, metadata)
+    return site_tokens(load_tokens(store), labels), images
+
+
+def site_tokens(saved: UNetTokens, labels: Tensor) -> SiteTokens:
+    """``SiteTokens`` of one sampling batch of ``len(labels)`` captions.
+
+    With guidance the U-Net sees 2n rows per call: row r < n is the unconditional input of
+    caption r, row n + r its conditional input (``common.models.diffusion.sample``).
+    """
+    n, rows = len(labels), saved.rows
     guided = int(rows.max()) + 1 == 2 * n
     caption_of = rows % n if guided else rows
-    tokens = SiteTokens(
-        tokens=cap.tokens(site),
-        timesteps=cap.timesteps(site),
+    return SiteTokens(
+        tokens=saved.tokens,
+        timesteps=saved.timesteps,
         labels=labels[caption_of],
         cond=rows >= n if guided else torch.ones_like(rows, dtype=torch.bool),
     )
-    return tokens, images
 
 
 @torch.no_grad()
@@ -105,6 +125,18 @@ def encode(sae: SAE, x: Tensor) -> Tensor:
 def decode(sae: SAE, z: Tensor) -> Tensor:
     """Raw-unit reconstruction of a code z."""
     return sae.scale_out(sae.decode(z))
+
+
+@torch.no_grad()
+def sae_summary(sae: SAE, x: Tensor) -> dict[str, float]:
+    """FVU = ||x - x_hat||^2 / ||x - mean(x)||^2, L0 and the share of features that ever fire."""
+    z = encode(sae, x)
+    err = (x - decode(sae, z)).pow(2).sum()
+    return {
+        "fvu": float(err / (x - x.mean(0)).pow(2).sum()),
+        "l0": float((z > 0).sum(1).float().mean()),
+        "alive_fraction": float((z > 0).any(0).float().mean()),
+    }
 
 
 @dataclass
@@ -301,3 +333,180 @@ def similar_and_dissimilar(target: int, groups: Sequence[Sequence[int]], n: int)
     similar = sorted({k for g in mine for k in g} - {target})
     dissimilar = [k for k in range(n) if k != target and k not in similar]
     return similar, dissimilar
+
+
+def selection_overlap(features: Tensor) -> np.ndarray:
+    """(T, T): mean over classes of the Jaccard overlap of F_c(t) and F_c(t'), from (C, T, tau)."""
+    n_c, n_t = features.shape[:2]
+    jac = np.zeros((n_t, n_t))
+    for a in range(n_t):
+        for b in range(n_t):
+            sa = [set(features[c, a].tolist()) for c in range(n_c)]
+            sb = [set(features[c, b].tolist()) for c in range(n_c)]
+            jac[a, b] = np.mean([len(x & y) / len(x | y) for x, y in zip(sa, sb)])
+    return jac
+
+
+# --- evaluation on fresh samples ----------------------------------------------------------------
+class Evaluation:
+    """Fresh samples of every class prompt (template 0, ``n_eval`` each, sampling ``seed``), with
+    an optional edit of the block at ``site`` (``replace_site``), and the classifier's reading."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        clf: Any,
+        site: str,
+        value: str,
+        *,
+        n_eval: int,
+        seed: int,
+        num_steps: int,
+        guidance_scale: float,
+        eta: float,
+    ) -> None:
+        self.model, self.clf, self.site, self.value, self.seed = model, clf, site, value, seed
+        self.n_classes = len(model.class_names)
+        self.captions = [model.caption(c, 0) for c in range(self.n_classes) for _ in range(n_eval)]
+        self.labels = torch.arange(self.n_classes).repeat_interleave(n_eval)
+        self.sampling = {"num_steps": num_steps, "guidance_scale": guidance_scale, "eta": eta}
+
+    def draw(
+        self,
+        fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        captions: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Images of ``captions`` (default: the evaluation prompts), edited by ``fn`` if given."""
+        captions = self.captions if captions is None else captions
+        seed = self.seed if seed is None else seed
+        if fn is None:
+            return sample(self.model, captions, seed=seed, **self.sampling)
+        with replace_site(self.model.unet, self.site, fn, value=self.value):
+            return sample(self.model, captions, seed=seed, **self.sampling)
+
+    def evaluate(self, images: Tensor) -> dict[str, Tensor]:
+        """The classifier's prediction, its confidence and its penultimate features."""
+        logits = self.clf(images)
+        return {
+            "pred": logits.argmax(-1),
+            "conf": logits.softmax(-1).max(-1).values,
+            "feats": self.clf.embed(images),
+        }
+
+    def rates(self, result: dict[str, Tensor]) -> Tensor:
+        """Hit rate per prompted class of the evaluation prompts (``class_rates``)."""
+        return class_rates(result["pred"], self.labels, self.n_classes)
+
+    def nontarget_quality(
+        self, result: dict[str, Tensor], base: dict[str, Tensor], targets: Sequence[int]
+    ) -> dict[str, float]:
+        """Mean confidence and Frechet distance to the unedited samples, non-target prompts."""
+        keep = ~torch.isin(self.labels, torch.tensor(list(targets)))
+        return {
+            "confidence": float(result["conf"][keep].mean()),
+            "fd": frechet_distance(result["feats"][keep], base["feats"][keep]),
+        }
+
+
+def target_summary(rates: Tensor, base_rates: Tensor, targets: Sequence[int]) -> dict[str, float]:
+    """UA of ``targets``, retention of the rest, and the unedited model's rate on the rest."""
+    summary = unlearning_summary(rates, base_rates, targets)
+    rest = [k for k in range(len(rates)) if k not in targets]
+    return {
+        "ua": summary["unlearning_accuracy"],
+        "retention": summary["retention"],
+        "retention_baseline": float(base_rates[rest].mean()),
+    }
+
+
+def interference(
+    rates: Tensor, base_rates: Tensor, target: int, groups: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """Retention of the target's similar and dissimilar classes, edited and unedited ({} when
+    the target is in no group)."""
+    sim, dis = similar_and_dissimilar(target, groups, len(rates))
+    if not sim:
+        return {}
+    return {
+        "similar_retention": float(rates[sim].mean()),
+        "dissimilar_retention": float(rates[dis].mean()),
+        "similar_baseline": float(base_rates[sim].mean()),
+        "dissimilar_baseline": float(base_rates[dis].mean()),
+    }
+
+
+# --- metrics for the claims ---------------------------------------------------------------------
+def _clean(obj: Any) -> Any:
+    """Strict JSON: NaN / inf -> None."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def seed_metrics(
+    r: Any,
+    sae_row: dict[str, float],
+    names: Sequence[str],
+    insert_targets: Sequence[str],
+    base_rates: Tensor,
+    base_conf: float,
+    fd_floor: float,
+) -> dict[str, Any]:
+    """One seed's metrics from its rows ``r`` of the results table (a DataFrame): the SAE, per
+    target, the multi-concept runs and the ``derived`` quantities the claims compare."""
+    one, ins, multi = r[r.run == "unlearn"], r[r.run == "unlearn_insert"], r[r.run == "multi"]
+    inter = one[one.similar_retention.notna()]
+    derived = {
+        "unlearning_accuracy": float(one.ua.mean()),
+        "min_unlearning_accuracy": float(one.ua.min()),
+        "unedited_unlearning_accuracy": float(1 - base_rates.mean()),
+        "retention": float(one.retention.mean()),
+        "retention_baseline": float(one.retention_baseline.mean()),
+        "baseline_accuracy": float(base_rates.mean()),
+        "spliced_accuracy": float(r[r.run == "spliced"].accuracy.iloc[0]),
+        "spliced_insert_accuracy": float(r[r.run == "spliced_insert"].accuracy.iloc[0]),
+        "confidence_nontarget": float(one.confidence.mean()),
+        "confidence_baseline": base_conf,
+        "fd_nontarget": float(one.fd.mean()),
+        "fd_noise_floor": fd_floor,
+        "multi_unlearning_accuracy": float(multi.ua.mean()),
+        "multi_retention": float(multi.retention.mean()),
+        "multi_retention_baseline": float(multi.retention_baseline.mean()),
+        "similar_retention": float(inter.similar_retention.mean()),
+        "dissimilar_retention": float(inter.dissimilar_retention.mean()),
+        "similar_drop": float((inter.similar_baseline - inter.similar_retention).mean()),
+        "dissimilar_drop": float((inter.dissimilar_baseline - inter.dissimilar_retention).mean()),
+        "random_unlearning_accuracy": float(r[r.run == "random"].ua.mean()),
+        "insert_unlearning_accuracy": float(ins.ua.mean()) if len(ins) else None,
+        "insert_retention": float(ins.retention.mean()) if len(ins) else None,
+        "keep_error_unlearning_accuracy_same_targets": float(
+            one[one.targets.isin(list(insert_targets))].ua.mean()
+        ),
+        "edited_token_fraction": float(one.edited_fraction.mean()),
+    }
+    derived["ua_gain_over_random"] = (
+        derived["unlearning_accuracy"] - derived["random_unlearning_accuracy"]
+    )
+    per = {}
+    for name in names:
+        row = one[one.targets == name].iloc[0]
+        rand = r[(r.run == "random") & (r.targets == name)].ua.iloc[0]
+        per[name] = {
+            "ua": float(row.ua),
+            "retention": float(row.retention),
+            "random_ua": float(rand),
+        }
+    return _clean(
+        {
+            "sae": {k: float(v) for k, v in sae_row.items() if k != "seed"},
+            "per_target": per,
+            "multi": {
+                row.targets: {"ua": row.ua, "retention": row.retention}
+                for row in multi.itertuples()
+            },
+            "derived": derived,
+        }
+    )

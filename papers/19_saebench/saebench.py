@@ -102,3 +102,19 @@ class SplicedLoss:
         gap = self.ce_zero - self.ce_clean
         recovered = (self.ce_zero - ce_sae) / gap if gap != 0 else float("nan")
         return {"ce_sae": ce_sae, "ce_loss_recovered": recovered}
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with every non-finite value made NaN (one marker for "not measured")."""
+    return {key: value if np.isfinite(value) else float("nan") for key, value in metrics.items()}
+
+
+SUMMARY = ("fvu", "l0", "ce_loss_recovered", "probe_sae_k1_acc", "absorption_fraction")
+
+
+def summary_line(
+    seed: int, arch: str, metrics: dict[str, float], t_train: float, t_eval: float
+) -> str:
+    """One progress line per trained SAE: its timings and headline metrics."""
+    values = "  ".join(f"{m}={metrics.get(m, float('nan')):.3f}" for m in SUMMARY)
+    return f"seed {seed} {arch:>10}: train {t_train:5.1f}s eval {t_eval:5.1f}s  {values}"

@@ -31,12 +31,24 @@ with |f| the radial frequency in cycles per image and f_c the cut-off.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from common.evals.evaluate import encode_decode
 from common.evals.reconstruction import reconstruction_metrics
+from common.models.diffusion import (
+    UNetCapture,
+    capture_sites,
+    class_captions,
+    load_tokens,
+    replace_site,
+    sample,
+    save_tokens,
+)
 from common.sae import SAE
 
 
@@ -280,3 +292,147 @@ def pick_sites(
     chosen += [valid[-1]]
     chosen = list(dict.fromkeys(chosen))
     return [s for s in valid if s in chosen]
+
+
+# --- sampling with captures and edits -----------------------------------------------------------
+def captions_for(model: Any, per_class: int, templates: Sequence[int]) -> tuple[list[str], Tensor]:
+    """``per_class`` captions of every class for each template index (cycled over the model's
+    templates), template-major, and the class of each."""
+    caps, labels = [], []
+    n_classes = len(model.class_names)
+    for t in templates:
+        caps += class_captions(model, per_class, t % len(model.templates))
+        labels += [c for c in range(n_classes) for _ in range(per_class)]
+    return caps, torch.tensor(labels)
+
+
+class Generator:
+    """Deterministic DDIM sampling (eta = 0) with guidance ``guidance_scale``, ``batch_size``
+    captions per U-Net call (0: all at once), optionally capturing sites or editing them."""
+
+    def __init__(self, model: Any, guidance_scale: float, batch_size: int = 0) -> None:
+        self.model, self.guidance_scale, self.batch_size = model, guidance_scale, batch_size
+
+    def __call__(
+        self,
+        captions: Sequence[str],
+        num_steps: int,
+        seed: int,
+        capture: Sequence[str] | None = None,
+        edit: tuple[str, Callable] | list[tuple[str, Callable]] | None = None,
+    ) -> Any:
+        """Images; with ``capture`` (sites) also the ``UNetCapture``; ``edit``: (site, fn) or a
+        list of them, all applied together (``replace_site(..., per_caption=True)``)."""
+        kwargs = {"num_steps": num_steps, "guidance_scale": self.guidance_scale, "eta": 0.0}
+        kwargs |= {"seed": seed, "batch_size": self.batch_size or len(captions)}
+        unet = self.model.unet
+        if edit is not None:
+            with ExitStack() as stack:
+                for site, fn in [edit] if isinstance(edit, tuple) else edit:
+                    stack.enter_context(replace_site(unet, site, fn, per_caption=True))
+                return sample(self.model, captions, **kwargs)
+        if capture:
+            with capture_sites(unet, capture) as cap:
+                images = sample(self.model, captions, **kwargs)
+            return images, cap
+        return sample(self.model, captions, **kwargs)
+
+
+def store_sites(
+    cap: UNetCapture,
+    folders: dict[str, Path],
+    labels: Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Write each captured site to its activation store (``folders[site]``) and read it back:
+    per site the tokens ``x``, timesteps ``t``, spatial position ``pos``, class ``cls`` (-1 on
+    unconditional rows, or everywhere without ``labels``), positions ``P`` and channels ``C``."""
+    out = {}
+    for site, folder in folders.items():
+        save_tokens(cap, site, folder, metadata)
+        saved = load_tokens(folder)
+        cls = torch.full((len(saved.tokens),), -1)
+        if labels is not None:
+            cond = saved.captions >= 0
+            cls[cond] = labels[saved.captions[cond]]
+        out[site] = {
+            "x": saved.tokens,
+            "t": saved.timesteps,
+            "pos": torch.arange(len(saved.tokens)) % saved.positions,
+            "cls": cls,
+            "P": saved.positions,
+            "C": saved.shape[0],
+        }
+    return out
+
+
+# --- SAE summaries and features -----------------------------------------------------------------
+def recon_summary(sae: SAE, x_eval: Tensor, x_train: Tensor) -> dict[str, float]:
+    """FVU and L0 on held-out tokens, and the share of latents that fire on the training tokens."""
+    z, x_hat = sae_codes(sae, x_eval)
+    z_train, _ = sae_codes(sae, x_train)
+    return {
+        "fvu": fvu(x_eval, x_hat),
+        "l0": float((z > 0).sum(1).float().mean()),
+        "d_in": x_eval.shape[1],
+        "alive_fraction": float(((z_train > 0).sum(0) > 0).float().mean()),
+    }
+
+
+def class_features(sae: SAE, d: dict[str, Any], n_classes: int, n_features: int) -> dict:
+    """On the conditional tokens ``d`` of the training images: each class's ``n_features`` most
+    specific latents (``top``, (C, m)), the specificity (``spec``) and the class-position mean
+    codes (``map``, (C, P, S))."""
+    cond = d["cls"] >= 0
+    z, _ = sae_codes(sae, d["x"][cond])
+    spec = class_specificity(class_mean_codes(z, d["cls"][cond], n_classes))
+    return {
+        "top": top_class_features(spec, min(n_features, spec.shape[1])),
+        "spec": spec,
+        "map": class_position_codes(z, d["cls"][cond], d["pos"][cond], n_classes, d["P"]),
+    }
+
+
+def ablation_mask(top: Tensor, labels: Tensor, d_sae: int) -> Tensor:
+    """(n, S) bool: the latents ``top[c]`` of each caption's class c, to turn off."""
+    mask = torch.zeros(len(labels), d_sae, dtype=torch.bool)
+    for i, c in enumerate(labels.tolist()):
+        mask[i, top[c]] = True
+    return mask
+
+
+def steer_vectors(
+    feats: dict, dirs: Tensor, targets: Tensor, alpha: float, n_feat: int | None = None
+) -> Tensor:
+    """(n, P, d): alpha * sum_{s in S_B} mu_{B p s} d_s for each caption's target class B."""
+    top = feats["top"][:, : n_feat or feats["top"].shape[1]]
+    return torch.stack(
+        [alpha * feats["map"][b][:, top[b]] @ dirs[top[b]] for b in targets.tolist()]
+    )
+
+
+def high_share_kept(
+    before: Tensor, after: Tensor, pred_before: Tensor, pred_after: Tensor, cutoff: float
+) -> float | None:
+    """E_high / (E_low + E_high) of the pixel change over the images whose class was kept."""
+    kept = pred_before == pred_after
+    if not kept.any():
+        return None
+    e_low, e_high = frequency_energy(after[kept] - before[kept], cutoff)
+    total = float((e_low + e_high).sum())
+    return float(e_high.sum()) / total if total > 0 else None
+
+
+def effect_row(
+    classifier: Any,
+    before: Tensor,
+    after: Tensor,
+    pred_before: Tensor,
+    cutoff: float,
+    target: Tensor | None = None,
+) -> dict[str, float | None]:
+    """``edit_effects`` of an edit as the classifier reads it, and ``high_share_kept``."""
+    pred_after = classifier.predict(after)
+    row = edit_effects(before, after, pred_before, pred_after, cutoff, target)
+    row["high_share_kept"] = high_share_kept(before, after, pred_before, pred_after, cutoff)
+    return row

@@ -43,11 +43,13 @@ norm(h)))) + h). Each spatial position of each image at each denoising step is o
 
 A Stable Diffusion 1.x/2.x or SDXL (Turbo) pipeline loads behind the same API by name,
 ``load_diffusion("stabilityai/sdxl-turbo", class_names=[...])`` (``hub``);
+``common.models.scorers`` scores its images with CLIP zero-shot.
 
 Modules, one job each: ``conditioning`` (captions -> cross-attention tokens), ``unet`` (the U-Net,
 its schedule, save / ``load_diffusion``), ``training`` (``train_diffusion`` and its checkpoints),
 ``sampling`` (DDIM ``sample``, VAE decode, captions, ``save_grid``), ``hooks`` (``capture_sites``,
-``replace_site`` on ``common.hooks``), ``hub`` (Stable Diffusion / SDXL pipelines), ``cli``.
+``replace_site`` on ``common.hooks``), ``store`` (captured tokens in the activation store),
+``hub`` (Stable Diffusion / SDXL pipelines), ``cli``.
 
 Command line::
 
@@ -83,6 +85,7 @@ from common.models.diffusion.sampling import (
     sample,
     save_grid,
 )
+from common.models.diffusion.store import UNetTokens, load_tokens, save_tokens
 from common.models.diffusion.training import (
     DiffusionTrainConfig,
     ema_update_,
@@ -117,6 +120,7 @@ __all__ = [
     "UNetCallContext",
     "UNetCapture",
     "UNetConfig",
+    "UNetTokens",
     "build_unet",
     "capture_sites",
     "check_captions",
@@ -128,6 +132,7 @@ __all__ = [
     "list_unet_sites",
     "load_diffusion",
     "load_hub_diffusion",
+    "load_tokens",
     "lr_at",
     "main",
     "noise_scheduler",
@@ -135,5 +140,6 @@ __all__ = [
     "resolve_unet_site",
     "sample",
     "save_grid",
+    "save_tokens",
     "train_diffusion",
 ]

@@ -234,7 +234,11 @@ def replace_site(
                 f"replacement at {site} must return a tensor of shape {tuple(delta.shape)} "
                 f"(tokens x channels), got {getattr(new, 'shape', type(new))}"
             )
-        return new.to(delta.device, delta.dtype).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        new = new.to(delta.device, delta.dtype).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        # An update is written as y + (new - delta) by the hook layer; an output as y + (new - y),
+        # which keeps the block's memory layout (the next convolutions' numerics depend on it),
+        # so that the identity leaves the image bit for bit in both cases.
+        return new if value == "update" else a + (new - a)
 
     context.attach(unet)
     try:
