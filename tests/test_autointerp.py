@@ -379,3 +379,30 @@ def test_lm_activations_keep_token_ids_and_documents(tiny_lm):
         (w0, p0), (w1, p1) = flat[k - 1], flat[k]
         crossed = w1 != w0 or sep in windows[w0][p0 + 1 : p1]
         assert (docs[k] != docs[k - 1]) == crossed
+
+
+def test_command_line_scores_an_sae_and_neurons(tiny_lm, tmp_path):
+    """``python -m common.autointerp`` on saved activations: result JSON, records and pages."""
+    from common.autointerp.__main__ import main
+    from common.autointerp.records import load_records
+
+    toy = toy_data(n_tokens=3000, seed=2)
+    np.save(tmp_path / "acts.npy", toy.acts.numpy())
+    np.save(tmp_path / "ids.npy", toy.token_ids)
+    np.save(tmp_path / "seq.npy", toy.sequence_ids)
+    toy.sae.save(tmp_path / "run" / "sae")
+    out = tmp_path / "result.json"
+    args = ["--model", str(tiny_lm), "--acts", str(tmp_path / "acts.npy"),
+            "--token-ids", str(tmp_path / "ids.npy"), "--sequence-ids", str(tmp_path / "seq.npy"),
+            "--sae", str(tmp_path / "run" / "sae"), "--basis", "neurons", "--n-latents", "4",
+            "--judge", "keyword", "--out", str(out), "--records-out", str(tmp_path / "rec.json"),
+            "--browser", str(tmp_path / "site"), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    saved = json.loads(out.read_text())
+    methods = {s["method"] for s in saved["summary"]}
+    assert methods == {"sae:run", "neurons"}
+    assert len(load_records(tmp_path / "rec.json")) == 8
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "site").glob("*.html")) == [
+        "index.html", "neurons.html", "sae_run.html"
+    ]  # fmt: skip

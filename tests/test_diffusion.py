@@ -30,9 +30,11 @@ from common.models.diffusion import (
     ddim_scheduler,
     list_unet_sites,
     load_diffusion,
+    load_tokens,
     main,
     replace_site,
     sample,
+    save_tokens,
     train_diffusion,
 )
 
@@ -231,6 +233,22 @@ def test_hooks_know_each_rows_caption_across_batches(trained):
         model.unet(x, 999, cond)
     with pytest.raises(RuntimeError, match="not made by `sample`"):
         cap.captions(site)
+
+
+def test_captured_tokens_round_trip_through_the_activation_store(trained, tmp_path):
+    model = trained[0]
+    site = "unet.down_blocks.1.attentions.0"  # 16 channels at 4x4
+    with capture_sites(model.unet, [site]) as cap:
+        sample(model, [model.caption(0), model.caption(1)], num_steps=2, seed=0)
+    folder = save_tokens(cap, site, tmp_path / "store", {"seed": 0})
+    saved = load_tokens(folder)
+    assert torch.equal(saved.tokens, cap.tokens(site)) and saved.shape == (16, 4, 4)
+    for name in ("timesteps", "rows", "calls", "captions"):
+        assert torch.equal(getattr(saved, name), getattr(cap, name)(site)), name
+    assert saved.metadata["site"] == site and saved.metadata["seed"] == 0
+    assert saved.positions == 16 and cap.shape(site) == (16, 4, 4)
+    save_tokens(cap, site, folder)  # writing again replaces the store
+    assert torch.equal(load_tokens(folder).tokens, saved.tokens)
 
 
 def test_save_load_round_trip(trained, encoder):

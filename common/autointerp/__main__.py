@@ -163,8 +163,11 @@ def _browser(args, loaded, records, decoders, result) -> None:  # noqa: ANN001
             and loaded.family == "causal_lm"
             and args.site.startswith(("resid_post", "mlp_out", "attn_out"))
         ):
-            logits = model_logit_tokens(loaded.model, loaded.tokenizer, directions,
-                                        latents=[r.latent for r in recs])  # fmt: skip
+            try:
+                logits = model_logit_tokens(loaded.model, loaded.tokenizer, directions,
+                                            latents=[r.latent for r in recs])  # fmt: skip
+            except ValueError as err:  # e.g. --acts from another model than --model
+                print(f"warning: no promoted tokens for {method}: {err}", file=sys.stderr)
         meta = {"model": loaded.name, "weights": loaded.metadata.get("weights"),
                 "site": args.site, "tokens": result.timing.get("n_tokens")}  # fmt: skip
         meta = {k: v for k, v in meta.items() if v is not None}

@@ -29,6 +29,7 @@ are computed once per explanation. The cached and the uncached logits agree to f
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import time
 from collections import Counter
@@ -238,8 +239,11 @@ class LlamaCppJudge(_CachedLM):
     """A GGUF instruct model run by llama-cpp-python (CPU), greedy and deterministic.
 
     ``model_path``: the .gguf file (``assets.assemble_judge_gguf(cache_dir)`` for the offline
-    Qwen2.5-Coder-1.5B-Instruct). ``n_threads`` defaults to the CPU count. The chat template is
-    the one stored in the GGUF (``tokenizer.chat_template``).
+    Qwen2.5-Coder-1.5B-Instruct). The chat template is the one stored in the GGUF
+    (``tokenizer.chat_template``). ``n_threads`` defaults to half the CPUs, and to 1 on a machine
+    with two or fewer: llama.cpp's OpenMP threads wait for each other at every layer, so on a
+    shared 2-core machine two threads ran 5x *slower* per token than one (measured here: 0.9
+    vs 5.1 tokens/s with other processes on the cores).
     """
 
     def __init__(
@@ -265,6 +269,8 @@ class LlamaCppJudge(_CachedLM):
                 f"no GGUF at {path}; the offline judge is assembled by "
                 "common.autointerp.assets.assemble_judge_gguf(cache_dir)"
             )
+        if n_threads is None:  # see the class docstring
+            n_threads = 1 if (os.cpu_count() or 1) <= 2 else (os.cpu_count() or 2) // 2
         self.llm = Llama(
             model_path=str(path),
             n_ctx=n_ctx,
@@ -313,10 +319,15 @@ class LlamaCppJudge(_CachedLM):
         return stops
 
     def _run(self, ids: list[int], n_keep: int) -> np.ndarray:
+        import llama_cpp
+
         llm = self.llm
-        llm.n_tokens = n_keep  # llama.eval drops the KV cache from n_tokens on
+        llm.n_tokens = n_keep  # Llama.eval drops the KV cache from position n_tokens on
         llm.eval(ids[n_keep:])
-        return np.array(llm.scores[llm.n_tokens - 1], copy=True)
+        # without logits_all, llama-cpp-python >= 0.3 keeps no logits itself: read the last
+        # token's row from the context
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
 
 
 class TransformersJudge(_CachedLM):

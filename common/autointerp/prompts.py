@@ -43,17 +43,16 @@ DESCRIPTION = "Description of the feature: "
 EXCERPT = "Excerpt: "
 DETECT_SYSTEM = (
     "You are an interpretability researcher. A feature of a language model is described below. "
-    "You will see one text excerpt. Answer yes if the feature is likely active somewhere in the "
-    "excerpt, no if it is not. Answer with one word: yes or no.\n"
+    "You will see one text excerpt. Is the feature active somewhere in the excerpt? Answer yes "
+    "if it likely is, no if it is not. Answer with one word: yes or no.\n"
 )
-DETECT_QUESTION = "Is the feature active in this excerpt? Answer yes or no."
 FUZZ_SYSTEM = (
     "You are an interpretability researcher. A feature of a language model is described below. "
-    f"You will see one text excerpt in which some tokens are marked {L}like this{R}. Answer yes "
-    "if the marked tokens are where the described feature is active, no if the marks are on "
-    "tokens the description does not fit. Answer with one word: yes or no.\n"
+    f"You will see one text excerpt in which some tokens are marked {L}like this{R}. Are the "
+    "marked tokens the ones the feature is active on? Answer yes if the description fits the "
+    "marked tokens, no if the marks are on tokens it does not fit. Answer with one word: yes or "
+    "no.\n"
 )
-FUZZ_QUESTION = "Are the marked tokens the ones the feature is active on? Answer yes or no."
 CHOICES = ("yes", "no")
 
 
@@ -99,11 +98,12 @@ def _one_line(text: str) -> str:
 def detection_prompt(explanation: str, excerpt: str) -> Messages:
     """Detection: is the described feature active in this (unmarked) excerpt? Answer yes / no.
 
-    The system message (instructions + description) is the same for every excerpt of one
-    description, so a judge's prefix cache computes it once."""
+    The system message (instructions, question and description) is the same for every excerpt
+    of one description, so a judge's prefix cache computes it once; the user turn is only the
+    excerpt, so an excerpt costs little more than its own tokens."""
     return [
         {"role": "system", "content": DETECT_SYSTEM + DESCRIPTION + _one_line(explanation)},
-        {"role": "user", "content": f"{EXCERPT}{excerpt}\n{DETECT_QUESTION}"},
+        {"role": "user", "content": f"{EXCERPT}{excerpt}"},
     ]
 
 
@@ -111,13 +111,14 @@ def fuzzing_prompt(explanation: str, marked_excerpt: str) -> Messages:
     """Fuzzing: are the marked tokens of this excerpt the ones the description is about?"""
     return [
         {"role": "system", "content": FUZZ_SYSTEM + DESCRIPTION + _one_line(explanation)},
-        {"role": "user", "content": f"{EXCERPT}{marked_excerpt}\n{FUZZ_QUESTION}"},
+        {"role": "user", "content": f"{EXCERPT}{marked_excerpt}"},
     ]
 
 
 def clean_explanation(text: str) -> str:
-    """The description in a model's answer: its first non-empty line, without a leading
-    "Description:" / "The feature ..." label, quotes or a final period (at most 200 chars)."""
+    """The description in a model's answer: its first non-empty line (its first sentence if it
+    runs on), without a leading "Description:" label, ``<<`` ``>>`` marks, enclosing quotes or a
+    final period; at most 200 characters."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     line = lines[0] if lines else ""
     line = re.sub(r"^(\*\*)?(description( of the feature)?|explanation|answer)(\*\*)?\s*:\s*", "",
@@ -125,6 +126,9 @@ def clean_explanation(text: str) -> str:
     line = line.strip().strip("*").strip()
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`":
         line = line[1:-1].strip()
+    line = line.replace(L, "").replace(R, "")  # marks belong to excerpts, not descriptions
+    if len(line) > 120 and ". " in line:  # a run-on answer: keep its first sentence
+        line = line.split(". ", 1)[0]
     if line.endswith(".") and not line.endswith(".."):
         line = line[:-1]
     return line[:200] if line else "(no description)"
@@ -136,9 +140,9 @@ def prompt_kind(messages: Messages | str) -> str:
     text = messages if isinstance(messages, str) else "\n".join(m["content"] for m in messages)
     if EXPLAIN_SYSTEM in text:
         return "explain"
-    if DETECT_QUESTION in text:
+    if DETECT_SYSTEM in text:
         return "detect"
-    if FUZZ_QUESTION in text:
+    if FUZZ_SYSTEM in text:
         return "fuzz"
     return "other"
 
@@ -147,7 +151,7 @@ def parse_scoring(messages: Messages) -> tuple[str, str]:
     """(description, excerpt) of a detection or fuzzing prompt."""
     system, user = messages[0]["content"], messages[-1]["content"]
     description = system.split(DESCRIPTION, 1)[-1].strip()
-    excerpt = user.split(EXCERPT, 1)[-1].rsplit("\n", 1)[0]
+    excerpt = user.split(EXCERPT, 1)[-1]
     return description, excerpt
 
 

@@ -15,6 +15,9 @@ Two pieces that the shared evals do not provide in the form a many-SAE sweep nee
       rho = Pearson(rank(a), rank(b))      (average ranks for ties)
 
   NaN when fewer than three finite pairs remain or a side is constant.
+
+And the notebook's bookkeeping: ``finite`` (non-finite scores as NaN) and ``summary_line`` (one
+progress line per trained SAE).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -436,3 +437,130 @@ def effect_row(
     row = edit_effects(before, after, pred_before, pred_after, cutoff, target)
     row["high_share_kept"] = high_share_kept(before, after, pred_before, pred_after, cutoff)
     return row
+
+
+def transfer_rows(
+    x: Tensor, t: Tensor, sae_1step: SAE, sae_4step: SAE, mean: Tensor
+) -> list[dict[str, float]]:
+    """FVU per timestep of 4-step updates ``x`` (timesteps ``t``), from t = 999 down: of the
+    1-step SAE, the SAE trained on 4-step updates, and the mean 1-step update (mean ablation)."""
+    one = fvu_by_group(x, sae_codes(sae_1step, x)[1], t)
+    four = fvu_by_group(x, sae_codes(sae_4step, x)[1], t)
+    mean_fvu = fvu_by_group(x, mean.expand_as(x), t)
+    return [
+        {"t": k, "sae_1step": one[k], "sae_4step": four[k], "mean_ablation": mean_fvu[k]}
+        for k in sorted(one, reverse=True)
+    ]
+
+
+# --- metrics for the claims ---------------------------------------------------------------------
+EFFECT_KINDS = ("ablation", "random_ablation", "mean_ablation", "steering", "random_steering")
+
+
+def _none_if_nan(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else float(v)
+
+
+def block_metrics(
+    seed: int, b: str, eff: Any, recon: Any, transfer: Any, splice: Any
+) -> dict[str, Any]:
+    """One block's metrics for one seed from the tables (DataFrames) of the notebook: its
+    reconstruction, every intervention's effects, transfer FVU per timestep, splice accuracies."""
+    e = eff[(eff.seed == seed) & (eff.block == b)]
+    r = recon[(recon.seed == seed) & (recon.block == b)].iloc[0]
+    tr = transfer[(transfer.seed == seed) & (transfer.block == b)]
+    sp = splice[(splice.seed == seed) & (splice.block == b)].iloc[0]
+    skip = ("seed", "block", "kind")
+    return {
+        "fvu": float(r.fvu),
+        "l0": float(r.l0),
+        "alive_fraction": float(r.alive_fraction),
+        **{
+            kind: {
+                c: _none_if_nan(v) for c, v in e[e.kind == kind].iloc[0].items() if c not in skip
+            }
+            for kind in EFFECT_KINDS
+        },
+        "transfer_fvu": {
+            str(int(row.t)): {
+                "sae_1step": row.sae_1step,
+                "sae_4step": row.sae_4step,
+                "mean_ablation": row.mean_ablation,
+            }
+            for row in tr.itertuples()
+        },
+        "splice": {c: float(sp[c]) for c in sp.index if c.startswith("acc")},
+    }
+
+
+def seed_metrics(
+    seed: int,
+    sites: Sequence[str],
+    names: dict[str, str],
+    tables: dict[str, Any],
+    accuracies: dict[str, float],
+) -> dict[str, Any]:
+    """One seed's metrics: ``blocks`` (``block_metrics`` per studied block, keyed by its short
+    name with "_"), the blocks' ``roles`` and the ``derived`` quantities the claims compare.
+
+    ``tables``: the notebook's ``eff``, ``recon``, ``transfer``, ``splice`` DataFrames and
+    ``splice_all`` (seed -> all-blocks splice accuracies); ``accuracies``: ``acc_1step``,
+    ``acc_4step`` and ``acc_all_mean_4`` of the unedited and mean-ablated runs."""
+    eff, recon, transfer, splice = (tables[k] for k in ("eff", "recon", "transfer", "splice"))
+    key = {s: names[s].replace(".", "_") for s in sites}
+    blocks = {key[s]: block_metrics(seed, names[s], eff, recon, transfer, splice) for s in sites}
+    abl = [blocks[key[s]]["ablation"] for s in sites]
+    rnd = [blocks[key[s]]["random_ablation"] for s in sites]
+    excess = [a["flip_rate"] - r["flip_rate"] for a, r in zip(abl, rnd)]
+    comp_i = argmax_index(excess)
+    raw_i = argmax_index([a["flip_rate"] for a in abl])
+    det_i = argmax_index([a["high_share_kept"] for a in abl])
+    steer = [blocks[key[s]]["steering"]["target_rate"] for s in sites]
+    st_i = argmax_index(steer)
+    steer_random = [blocks[key[s]]["random_steering"]["target_rate"] for s in sites]
+    late = transfer[(transfer.seed == seed) & (transfer.t < 999)]
+    rec, spl = recon[recon.seed == seed], splice[splice.seed == seed]
+    comp_site = sites[comp_i]
+    roles = {
+        "composition_block": names[comp_site],
+        "composition_block_raw_flips": names[sites[raw_i]],
+        "detail_block": names[sites[det_i]] if det_i is not None else None,
+        "steering_block": names[sites[st_i]],
+    }
+    derived = {
+        "fvu_1step_mean": float(rec.fvu.mean()),
+        "fvu_1step_max": float(rec.fvu.max()),
+        "l0_over_d_in": float((rec.l0 / rec.d_in).max()),
+        "blocks_differ": float(det_i is not None and comp_i != det_i),
+        "composition_block_is_down": float("down_blocks" in comp_site),
+        "composition_excess_flip_rate": excess[comp_i],
+        "composition_flip_rate": abl[comp_i]["flip_rate"],
+        "composition_random_flip_rate": rnd[comp_i]["flip_rate"],
+        "composition_flip_rate_min_block": min(a["flip_rate"] for a in abl),
+        "ablation_flip_rate_mean": float(np.mean([a["flip_rate"] for a in abl])),
+        "random_ablation_flip_rate_mean": float(np.mean([r["flip_rate"] for r in rnd])),
+        "detail_high_share_kept": abl[det_i]["high_share_kept"] if det_i is not None else None,
+        "composition_block_high_share_kept": abl[comp_i]["high_share_kept"],
+        "steer_target_rate_max": steer[st_i],
+        "steer_random_target_rate_same_block": steer_random[st_i],
+        "steer_gain_over_random": steer[st_i] - steer_random[st_i],
+        "steer_target_rate_mean": float(np.mean(steer)),
+        "steer_random_target_rate_mean": float(np.mean(steer_random)),
+        "transfer_fvu_1step_sae": float(late.sae_1step.mean()),
+        "transfer_fvu_4step_sae": float(late.sae_4step.mean()),
+        "transfer_fvu_mean_ablation": float(late.mean_ablation.mean()),
+        "transfer_fvu_1step_over_mean_ablation": float(
+            late.sae_1step.mean() / late.mean_ablation.mean()
+        ),
+        "accuracy_1step": accuracies["acc_1step"],
+        "accuracy_4step": accuracies["acc_4step"],
+        "accuracy_4step_1step_sae_mean": float(spl.acc_1step_sae_in_4step.mean()),
+        "accuracy_4step_1step_sae_min": float(spl.acc_1step_sae_in_4step.min()),
+        "accuracy_4step_mean_ablation_min": float(spl.acc_mean_ablation_in_4step.min()),
+        "accuracy_4step_1step_sae_all_blocks": tables["splice_all"][seed][
+            "acc_1step_sae_all_blocks_in_4step"
+        ],
+        "accuracy_4step_mean_ablation_all_blocks": accuracies["acc_all_mean_4"],
+        "accuracy_1step_1step_sae_min": float(spl.acc_1step_sae_in_1step.min()),
+    }
+    return {"blocks": blocks, "roles": roles, "derived": derived}

@@ -7,26 +7,30 @@ and an image embedder E that is independent of the model under study (the paper:
     s_nm   = cos(E(x_n), E(x_m))                                 pairwise image similarity
     a~_n^k = (a_n^k - min_n a_n^k) / (max_n a_n^k - min_n a_n^k)  min-max over the images
     r_nm^k = a~_n^k a~_m^k
-    MS^k   = 1 / (N (N - 1)) sum_{n != m} r_nm^k s_nm
+    MS^k   = sum_{n != m} r_nm^k s_nm / sum_{n != m} r_nm^k      the MonoSemanticity score
+
+``MS`` is the score as the authors' code computes it (``metric.py`` of ExplainableML/sae-for-vlm
+sums the weighted similarities and the weights over the pairs n < m and divides one by the other;
+a unit whose weights are all 0 gets NaN): the activation-weighted mean similarity of the images a
+unit fires on, in the range of s. The paper's formula as printed leaves out the division,
+
+    MS_printed^k = 1 / (N (N - 1)) sum_{n != m} r_nm^k s_nm  =  rbar^k * MS^k,
+    rbar^k = ((sum_n a~_n)^2 - sum_n a~_n^2) / (N (N - 1)),
+
+so it also counts how many pairs co-activate at all: a latent firing on 1% of the images has
+rbar ~ 1e-4 and a tiny MS_printed however alike its images are (kept as a diagnostic).
 
 In matrix form, with a~ the (N, K) matrix of normalised activations and S the (N, N) similarity,
 
-    MS = (diag(a~^T S a~) - (a~ * a~)^T diag(S)) / (N (N - 1)),
+    MS_printed = (diag(a~^T S a~) - (a~ * a~)^T diag(S)) / (N (N - 1)),
 
 and when S = U U^T for row-normalised embeddings U (N, D), a~^T S a~ = ||U^T a~||^2 costs
 O(N D K) instead of O(N^2 K). A unit whose activation is constant over the images has no
 min-max normalisation; its score is NaN (the paper only scores units that fire).
 
-MS mixes two things: how similar the images that co-activate the unit are, and how many pairs
-co-activate at all (a sparse latent has few). The activation-weighted mean similarity
-
-    wMS^k = sum_{n != m} r_nm^k s_nm / sum_{n != m} r_nm^k = MS^k / rbar^k,
-    rbar^k = ((sum_n a~_n)^2 - sum_n a~_n^2) / (N (N - 1)),
-
-separates the first from the second (our diagnostic, not the paper's score). If the activations
-of a unit are shuffled over the images, E[r_nm] = rbar^k for every pair n != m, so
-E[MS^k] = rbar^k * sbar with sbar the mean off-diagonal similarity: a shuffled unit has
-wMS ~= sbar whatever its activation profile (the control).
+If the activations of a unit are shuffled over the images, E[r_nm] = rbar^k for every pair
+n != m, so E[MS_printed^k] = rbar^k * sbar with sbar the mean off-diagonal similarity: a shuffled
+unit has MS ~= sbar whatever its activation profile (the control).
 """
 
 from __future__ import annotations
@@ -119,9 +123,17 @@ def mean_pair_weight(acts: Tensor) -> Tensor:
 
 
 def weighted_ms(ms: Tensor, acts: Tensor) -> Tensor:
-    """wMS^k = MS^k / rbar^k: the activation-weighted mean similarity (NaN where rbar = 0)."""
+    """MS^k = MS_printed^k / rbar^k = sum r s / sum r, the authors' MS (NaN where rbar = 0)."""
     r = mean_pair_weight(acts)
     return torch.where(r > 0, ms / r.clamp_min(1e-30), torch.full_like(ms, math.nan))
+
+
+def unit_scores(acts: Tensor, emb: Tensor) -> dict[str, Tensor]:
+    """Per unit (column of ``acts``): ``ms``, the MonoSemanticity score as the authors' code
+    computes it (sum r s / sum r), and ``ms_printed``, the formula as printed (1/(N(N-1)) sum r s),
+    under the image embedder whose embeddings are ``emb`` (N, D)."""
+    printed = ms_scores_embedded(acts, emb)
+    return {"ms": weighted_ms(printed, acts), "ms_printed": printed}
 
 
 def mean_offdiagonal(sim: Tensor) -> float:
@@ -251,6 +263,39 @@ def load_layer(
     }
 
 
+@torch.no_grad()
+def encode_eval(sae: torch.nn.Module, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """An SAE's codes of the held-out rows ``x`` (N, d) and its reconstruction there: FVU (in the
+    SAE's normalised units) and L0."""
+    sae.eval()
+    xs = sae.scale_in(x)
+    z = sae.encode(xs)
+    x_hat = sae.decode(z)
+    fvu = float(((xs - x_hat) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum())
+    return z, {"fvu": fvu, "l0": float((z > 0).sum(1).float().mean())}
+
+
+def prefix_bounds(cfg: object) -> list[int]:
+    """The latent boundaries [0, m_1, ..., d_sae] of a Matryoshka SAE's nested groups (one group,
+    [0, d_sae], for any other SAE)."""
+    sizes = cfg.prefix_sizes() if hasattr(cfg, "prefix_sizes") else [cfg.d_sae]
+    return [0, *sizes]
+
+
+def group_rows(seed: int, bounds: list[int], z: Tensor, ms: Tensor) -> list[dict[str, object]]:
+    """Per nested group [m_{i-1}, m_i) of the main SAE: its firing rate and median MS."""
+    return [
+        {
+            "seed": seed,
+            "group": g,
+            "latents": f"{lo}-{hi}",
+            "firing_rate": float((z[:, lo:hi] > 0).float().mean()),
+            "ms_median": summarise(ms[lo:hi])["median"],
+        }
+        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+
+
 def _clean(v: object) -> object:
     """Strict JSON: non-finite floats -> None, recursively."""
     if isinstance(v, dict):
@@ -260,7 +305,16 @@ def _clean(v: object) -> object:
     return v
 
 
-SAE_COLUMNS = ("fvu", "l0", "alive_fraction", "ms_mean", "ms_median", "wms_mean", "wms_median")
+SAE_COLUMNS = (
+    "fvu",
+    "l0",
+    "alive_fraction",
+    "ms_mean",
+    "ms_median",
+    "ms_printed_mean",
+    "ms_printed_median",
+)
+SCORES = ("ms", "ms_printed")  # the authors' MS, and the formula as printed (diagnostic)
 
 
 def seed_metrics(
@@ -274,8 +328,11 @@ def seed_metrics(
     p,
 ) -> dict:
     """One seed's metrics (non-finite -> None): the main SAE, its nested groups, every SAE of the
-    sweeps, and under ``derived`` the medians over units the claims compare (main SAE and neurons
-    under each embedder, the ends of the width and sparsity sweeps, the shuffle control)."""
+    sweeps, and under ``derived`` the medians over units the claims compare: MS (the authors') and
+    MS_printed (``ms_printed_*``) of the main SAE and the neurons under each embedder, the ends of
+    the width and sparsity sweeps, and the shuffle control. ``main_scores[e]`` and
+    ``neuron_scores[(units, e)]`` are ``unit_scores`` dicts; ``control`` holds the shuffled
+    latents' scores (``shuffled``) and the expected MS_printed (``ms_printed_expected``)."""
 
     def med(x: Tensor) -> float:
         return summarise(x)["median"]
@@ -287,31 +344,26 @@ def seed_metrics(
         return float(sweep[(sweep.expansion == exp) & (sweep.k == k_)][col].iloc[0])
 
     main = t[t.sweep == "main"].iloc[0]
-    sae, neurons = main_scores["effnet_block"], neuron_scores[("neurons", "effnet_block")]
-    pooled = neuron_scores[("pooled_neurons", "effnet_block")]
-    derived = {
-        "ms_median_sae": med(sae[0]),
-        "ms_median_neurons": med(neurons[0]),
-        "ms_median_pooled_neurons": med(pooled[0]),
-        "wms_median_sae": med(sae[1]),
-        "wms_median_neurons": med(neurons[1]),
-        "wms_median_pooled_neurons": med(pooled[1]),
-        "wms_shuffled_mean": summarise(control["wms_shuffled"])["mean"],
-        "mean_similarity": sbar["effnet_block"],
-        "ms_shuffled_mean": summarise(control["ms_shuffled"])["mean"],
-        "ms_shuffled_expected": summarise(control["ms_expected"])["mean"],
-    }
+    derived: dict[str, float] = {}
+    for score in SCORES:
+        derived[f"{score}_median_sae"] = med(main_scores["effnet_block"][score])
+        for units in ("neurons", "pooled_neurons"):
+            derived[f"{score}_median_{units}"] = med(neuron_scores[(units, "effnet_block")][score])
+        derived[f"{score}_shuffled_mean"] = summarise(control["shuffled"][score])["mean"]
+    derived["mean_similarity"] = sbar["effnet_block"]
+    derived["ms_printed_shuffled_expected"] = summarise(control["ms_printed_expected"])["mean"]
     for e in ("pixels", "labels"):
-        derived[f"wms_median_sae_{e}"] = med(main_scores[e][1])
-        derived[f"wms_median_neurons_{e}"] = med(neuron_scores[("neurons", e)][1])
-        derived[f"wms_median_pooled_neurons_{e}"] = med(neuron_scores[("pooled_neurons", e)][1])
+        derived[f"ms_median_sae_{e}"] = med(main_scores[e]["ms"])
+        derived[f"ms_median_neurons_{e}"] = med(neuron_scores[("neurons", e)]["ms"])
+        derived[f"ms_median_pooled_neurons_{e}"] = med(neuron_scores[("pooled_neurons", e)]["ms"])
         derived[f"mean_similarity_{e}"] = sbar[e]
     lo_e, hi_e, lo_k, hi_k = min(p.expansions), max(p.expansions), min(p.ks), max(p.ks)
-    for col, short in (("wms_median", "wms"), ("ms_median", "ms")):
-        derived[f"{short}_median_width_min"] = sweep_value(lo_e, p.k, col)
-        derived[f"{short}_median_width_max"] = sweep_value(hi_e, p.k, col)
-        derived[f"{short}_median_k_min"] = sweep_value(p.expansion, lo_k, col)
-        derived[f"{short}_median_k_max"] = sweep_value(p.expansion, hi_k, col)
+    for score in SCORES:
+        col = f"{score}_median"
+        derived[f"{score}_median_width_min"] = sweep_value(lo_e, p.k, col)
+        derived[f"{score}_median_width_max"] = sweep_value(hi_e, p.k, col)
+        derived[f"{score}_median_k_min"] = sweep_value(p.expansion, lo_k, col)
+        derived[f"{score}_median_k_max"] = sweep_value(p.expansion, hi_k, col)
     sweeps = {
         f"{r.sweep}_{r.architecture}_x{r.expansion}_k{r.k}": {
             c: float(getattr(r, c)) for c in SAE_COLUMNS
@@ -319,13 +371,13 @@ def seed_metrics(
         for r in t.itertuples()
     }
     g = groups_table[groups_table.seed == seed]
-    derived["wms_median_sae_first_group"] = float(g.wms_median.iloc[0])
-    derived["wms_median_sae_last_group"] = float(g.wms_median.iloc[-1])
+    derived["ms_median_sae_first_group"] = float(g.ms_median.iloc[0])
+    derived["ms_median_sae_last_group"] = float(g.ms_median.iloc[-1])
     return _clean(
         {
             "main_sae": {c: float(main[c]) for c in ("fvu", "l0", "alive_fraction")},
             "main_sae_groups": {
-                r.latents: {"firing_rate": r.firing_rate, "wms_median": r.wms_median}
+                r.latents: {"firing_rate": r.firing_rate, "ms_median": r.ms_median}
                 for r in g.itertuples()
             },
             "saes": sweeps,

@@ -1,5 +1,6 @@
-"""Paper 46's figures: MS / wMS distributions, the width and sparsity sweeps, robustness across
-embedders and the top images of the highest- and lowest-wMS latents."""
+"""Paper 46's figures: the distributions of MS (the authors' score) and of the formula as printed,
+the width and sparsity sweeps, robustness across embedders and the top images of the highest- and
+lowest-MS latents."""
 
 from __future__ import annotations
 
@@ -17,23 +18,25 @@ from common.plots import apply_style
 
 
 def ms_distributions_figure(groups: dict, sbar: float, title: str) -> plt.Figure:
-    """Histograms of log10 MS and of wMS per group of units (``groups``: name -> (MS, wMS))."""
+    """Histograms of log10 MS_printed and of MS per group of units (``groups``: name ->
+    ``unit_scores`` dict with ``ms`` and ``ms_printed``)."""
     apply_style()
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for i, (name, (ms, w)) in enumerate(groups.items()):
-        ms, w = ms[torch.isfinite(ms)].numpy(), w[torch.isfinite(w)].numpy()
-        log_ms = np.log10(np.clip(ms, 1e-8, None))
+    for i, (name, scores) in enumerate(groups.items()):
+        printed, ms = scores["ms_printed"], scores["ms"]
+        printed, ms = printed[torch.isfinite(printed)].numpy(), ms[torch.isfinite(ms)].numpy()
+        log_printed = np.log10(np.clip(printed, 1e-8, None))
         style = dict(density=True, histtype="step", lw=1.6, color=palette[i], label=name)
-        axes[0].hist(log_ms, bins=50, **style)
-        axes[1].hist(w, bins=50, **style)
+        axes[0].hist(log_printed, bins=50, **style)
+        axes[1].hist(ms, bins=50, **style)
     axes[0].set(
-        xlabel="log10 MS (the paper's score; 0 shown at -8)",
+        xlabel="log10 MS as printed, 1/(N(N-1)) sum r s (0 shown at -8)",
         ylabel="density",
-        title="MS: dominated by how many images a unit fires on",
+        title="the printed formula: dominated by how many images a unit fires on",
     )
     axes[1].axvline(sbar, color="k", ls="--", lw=1, label="mean similarity s-bar")
-    axes[1].set(xlabel="wMS (activation-weighted mean similarity)", title="wMS per unit")
+    axes[1].set(xlabel="MS = sum r s / sum r (the authors' code)", title="MS per unit")
     axes[1].legend(fontsize=8)
     fig.suptitle(title)
     return fig
@@ -42,8 +45,9 @@ def ms_distributions_figure(groups: dict, sbar: float, title: str) -> plt.Figure
 def ms_vs_width_and_k_figure(
     sae_table: pd.DataFrame, neurons: tuple, sbar: float, p: Any, d_in: int
 ) -> plt.Figure:
-    """Median wMS (top) and MS (bottom) of the sweep SAEs against width at ``p.k`` (left) and
-    against k at ``p.expansion`` (right), mean and std over seeds, with the neurons' medians."""
+    """Median MS (top) and MS_printed (bottom) of the sweep SAEs against width at ``p.k`` (left)
+    and against k at ``p.expansion`` (right), mean and std over seeds, with the neurons' medians
+    (``neurons``: a ``unit_scores`` dict)."""
     apply_style()
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col")
@@ -53,8 +57,8 @@ def ms_vs_width_and_k_figure(
             t = t[(t.expansion == p.expansion) & t.k.isin(p.ks)]
         else:
             t = t[(t.k == p.k) & t.expansion.isin(p.expansions)]
-        g = t.groupby(var)[["wms_median", "ms_median"]].agg(["mean", "std"])
-        for row, metric in enumerate(("wms_median", "ms_median")):
+        g = t.groupby(var)[["ms_median", "ms_printed_median"]].agg(["mean", "std"])
+        for row, (score, metric) in enumerate((("ms", "ms_median"), ("ms_printed", "ms_printed_median"))):
             ax = axes[row, col]
             ax.errorbar(
                 g.index,
@@ -64,11 +68,11 @@ def ms_vs_width_and_k_figure(
                 color=palette[row],
                 label=f"SAE latents ({p.sweep_architecture})",
             )
-            base = summarise(neurons[1 - row])["median"]
+            base = summarise(neurons[score])["median"]
             ax.axhline(base, color="grey", ls=":", label="neurons (e_I)")
             if row == 0:
                 ax.axhline(sbar, color="k", ls="--", lw=1, label="s-bar (shuffled)")
-            ax.set(xscale="log", ylabel=("median wMS" if row == 0 else "median MS (paper)"))
+            ax.set(xscale="log", ylabel=("median MS" if row == 0 else "median MS as printed"))
             if row == 1:
                 xlabel = f"expansion (d_sae / {d_in})" if var == "expansion" else "k"
                 ax.set(yscale="log", xlabel=xlabel)
@@ -81,15 +85,15 @@ def ms_vs_width_and_k_figure(
 
 
 def embedder_robustness_figure(robust: pd.DataFrame, sbar: dict[str, float]) -> plt.Figure:
-    """Median wMS minus each embedder's shuffle level, per kind of unit."""
+    """Median MS minus each embedder's shuffle level, per kind of unit."""
     apply_style()
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    piv = robust.pivot(index="embedder", columns="units", values="wMS median")
+    piv = robust.pivot(index="embedder", columns="units", values="MS median")
     piv = piv.sub(pd.Series(sbar), axis=0)  # relative to each embedder's shuffled level
     piv[[c for c in robust.units.unique()]].plot.bar(ax=ax, rot=0)
     ax.axhline(0, color="k", lw=1)
     ax.set(
-        ylabel="median wMS - s-bar",
+        ylabel="median MS - s-bar",
         xlabel="embedder E",
         title="monosemanticity above the shuffle level, per embedder",
     )
@@ -105,8 +109,8 @@ def top_images_figure(
     label_names: list[str],
     p: Any,
 ) -> plt.Figure | None:
-    """Top-activating held-out images of the ``p.n_grid_latents`` highest- and lowest-wMS latents
-    (among those firing on >= ``p.min_fires`` images); None when none qualifies."""
+    """Top-activating held-out images of the ``p.n_grid_latents`` highest- and lowest-MS latents
+    (``w``: their MS; among those firing on >= ``p.min_fires`` images); None when none qualifies."""
     apply_style()
     eligible = torch.isfinite(w) & ((z > 0).sum(0) >= p.min_fires)
     order = torch.argsort(torch.where(eligible, w, torch.full_like(w, -math.inf)), descending=True)
@@ -139,11 +143,11 @@ def top_images_figure(
         axes[r, 0].text(
             -0.15,
             0.5,
-            f"{kind}\n#{unit}\nwMS {float(w[unit]):.3f}",
+            f"{kind}\n#{unit}\nMS {float(w[unit]):.3f}",
             transform=axes[r, 0].transAxes,
             ha="right",
             va="center",
             fontsize=8,
         )
-    fig.suptitle("top images of the highest- (top rows) and lowest-wMS latents")
+    fig.suptitle("top images of the highest- (top rows) and lowest-MS latents")
     return fig

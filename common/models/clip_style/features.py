@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common import layout
 from common.data.images import ImageSet, load_image_set
 from common.layout import ROOT
 from common.models.clip_style.hub import load_clip
@@ -86,9 +87,9 @@ def shared_image_features(
     n: int,
     seed: int = 0,
     *,
-    cache_dir: str | Path = "data/vision/image_features",
+    cache_dir: str | Path = layout.ROOT / layout.IMAGE_FEATURES,
     image_size: int | None = None,
-    clip_dir: str | Path = "data/vision/clip_style",
+    clip_dir: str | Path = layout.ROOT / layout.CLIP_STYLE,
     tower: ImageTower | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, ImageSet]:
