@@ -629,10 +629,22 @@ def _compared_runs_exist(params: dict[str, Any]) -> None:
         )
 
 
+def _paper_sweep_runs_exist(params: dict[str, Any]) -> None:
+    """The sweep runs each paper folder declares it reads (``SweepRun(s)`` fields) are in
+    ``lm_sweep.saes``."""
+    from common.kit.params import check_sweep_runs
+    from common.params import paper_folders, paper_params_class
+
+    for folder in paper_folders():
+        section = paper_params_class(folder).model_validate(params["papers"][folder])
+        check_sweep_runs(folder, section, params["lm_sweep"]["saes"])
+
+
 def cross_checks(params: dict[str, Any]) -> None:
     """Checks that read more than one key, run once every key has passed its own check."""
     _lm_layers(params)
     _compared_runs_exist(params)
+    _paper_sweep_runs_exist(params)
 
 
 __all__ = [

@@ -62,6 +62,12 @@ def test_auroc_and_balanced_accuracy_known_values():
     assert S.auroc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts one half
     assert S.auroc([0, 1, 1], [0.9, 0.1, 0.2]) == 0.0
     assert np.isnan(S.auroc([1, 1], [0.2, 0.3]))
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # with many ties, as P(yes) of a judge has
+        y, s = rng.integers(0, 2, 40), rng.integers(0, 5, 40) / 4
+        assert S.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     # 2 of 3 positives and 1 of 1 negative right: (2/3 + 1) / 2
     assert S.balanced_accuracy([1, 1, 1, 0], [0.9, 0.6, 0.2, 0.1]) == pytest.approx(5 / 6)
     assert S.balanced_accuracy([1, 0], [0.9, 0.9]) == pytest.approx(0.5)  # always "yes"

@@ -160,3 +160,18 @@ def test_class_selective_latent():
     assert msae.class_selective_latent(z, y, 1, exclude=[2]) == 0
     with pytest.raises(ValueError, match="present"):
         msae.class_selective_latent(z, y, 5)
+
+
+def test_identity_keeping_strength_reads_before_the_query_loses_its_class():
+    grid = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
+    own = {0.0: 0.8, 1.0: 0.8, 2.0: 0.7, 4.0: 0.45, 8.0: 0.3, 16.0: 0.02}
+    assert msae.identity_keeping_strength(own, grid) == 4.0  # 0.45 >= 0.4 > 0.3
+    # the first crossing counts, even if the share comes back later
+    own_back = {**own, 2.0: 0.1, 4.0: 0.6}
+    assert msae.identity_keeping_strength(own_back, grid) == 1.0
+    # a first push that already halves the query's class reads the unsteered point
+    assert msae.identity_keeping_strength({0.0: 0.8, 4.0: 0.2}, [0.0, 4.0]) == 0.0
+    with pytest.raises(ValueError, match="start at 0 and increase"):
+        msae.identity_keeping_strength(own, [1.0, 2.0])
+    with pytest.raises(ValueError, match="start at 0 and increase"):
+        msae.identity_keeping_strength(own, [0.0, 4.0, 2.0])

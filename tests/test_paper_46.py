@@ -160,3 +160,64 @@ def test_bad_inputs():
 def test_summarise_ignores_nan():
     s = ms46.summarise(torch.tensor([1.0, math.nan, 3.0, 2.0]))
     assert s["median"] == pytest.approx(2.0) and s["n"] == 3.0
+
+
+def naive_authors_ms(acts: torch.Tensor, emb: torch.Tensor) -> list[float]:
+    """The authors' metric.py: sum_{n<m} w s / sum_{n<m} w with w = a~_n a~_m (NaN if sum w = 0)."""
+    u = torch.nn.functional.normalize(emb.double(), dim=1)
+    sim = u @ u.T
+    n, k = acts.shape
+    out = []
+    for j in range(k):
+        col = acts[:, j].double()
+        lo, hi = float(col.min()), float(col.max())
+        if hi == lo:
+            out.append(math.nan)
+            continue
+        a = (col - lo) / (hi - lo)
+        num = sum(float(a[p] * a[q] * sim[p, q]) for p in range(n) for q in range(p + 1, n))
+        den = sum(float(a[p] * a[q]) for p in range(n) for q in range(p + 1, n))
+        out.append(num / den if den else math.nan)
+    return out
+
+
+def test_unit_scores_ms_is_the_authors_normalised_score(random_case):
+    acts, emb = random_case
+    scores = ms46.unit_scores(acts, emb)
+    expected = torch.tensor(naive_authors_ms(acts, emb), dtype=torch.float32)
+    ok = ~torch.isnan(expected)
+    assert torch.isnan(scores["ms"][3])  # the dead unit
+    torch.testing.assert_close(scores["ms"][ok], expected[ok], atol=1e-5, rtol=1e-4)
+    printed = torch.tensor(naive_ms(acts, ms46.cosine_similarity_matrix(emb)), dtype=torch.float32)
+    torch.testing.assert_close(scores["ms_printed"][ok], printed[ok], atol=1e-5, rtol=1e-4)
+
+
+def test_group_rows_and_prefix_bounds():
+    class Cfg:
+        d_sae = 8
+
+        def prefix_sizes(self):
+            return [2, 8]
+
+    class Plain:
+        d_sae = 8
+
+    assert ms46.prefix_bounds(Cfg()) == [0, 2, 8]
+    assert ms46.prefix_bounds(Plain()) == [0, 8]
+    z = torch.zeros(4, 8)
+    z[:, 0] = 1.0  # latent 0 fires on every image, the rest never
+    ms = torch.arange(8, dtype=torch.float32)
+    rows = ms46.group_rows(0, [0, 2, 8], z, ms)
+    assert [r["latents"] for r in rows] == ["0-2", "2-8"]
+    assert rows[0]["firing_rate"] == pytest.approx(0.5) and rows[1]["firing_rate"] == 0.0
+    assert rows[0]["ms_median"] == pytest.approx(0.5) and rows[1]["ms_median"] == pytest.approx(4.5)
+
+
+def test_encode_eval_reports_fvu_and_l0():
+    from common.sae import build_sae
+
+    sae = build_sae("topk", d_in=6, d_sae=12, k=2, seed=0)
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(4))
+    z, rec = ms46.encode_eval(sae, x)
+    assert z.shape == (20, 12)
+    assert rec["l0"] <= 2.0 and math.isfinite(rec["fvu"]) and rec["fvu"] >= 0

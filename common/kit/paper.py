@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from common import layout
+from common.kit.params import check_sweep_runs
 from common.params import (
     PAPER_FOLDER,
     ParamsError,
@@ -230,6 +231,14 @@ class Paper:
             )
         return SAE.load(path).eval()
 
+    def sweep_hyperparameters(self, run: str) -> dict[str, Any]:
+        """Run ``run`` of the shared LM sweep as declared in ``lm_sweep.saes``, with its
+        ``architecture`` (which defaults to the run name) always present."""
+        if run not in self.shared.lm_sweep.saes:
+            raise ValueError(f"lm_sweep.saes has no run {run!r}: {sorted(self.shared.lm_sweep.saes)}")
+        hyper = dict(self.shared.lm_sweep.saes[run])
+        return {"architecture": hyper.pop("architecture", run), **hyper}
+
     @property
     def budgets(self) -> tuple[str, ...]:
         """The training budgets every claim is checked at: the full one and half of it."""
@@ -317,6 +326,7 @@ def open_paper(folder: str | None = None, overrides: Mapping[str, Any] | None = 
     params = validate_section(paper_params_class(folder), section, f"papers.{folder}")
     shared_view = {**raw, "papers": {k: v for k, v in papers.items() if k not in paper_folders()}}
     shared = validate_section(SharedParams, shared_view, "")
+    check_sweep_runs(folder, params, shared.lm_sweep.saes)  # the sweep runs it reads exist
     torch.manual_seed(0)
     return Paper(folder=folder, params=params, shared=shared, raw=raw)
 

@@ -32,7 +32,9 @@ from common.params import (
     Section,
     Text,
     _distinct,
+    _split,
     expects,
+    fail,
 )
 from common.settings import (
     ClipModel,
@@ -75,6 +77,47 @@ PREFIX_TEXT = "an increasing list of numbers in (0, 1] ending at 1.0"
 PrefixFractions = Annotated[list[float], AfterValidator(_prefix_fractions), expects(PREFIX_TEXT)]
 
 
+class _SweepRunMarker:
+    """Marks a field that names runs of the shared LM sweep (``lm_sweep.saes``)."""
+
+
+SWEEP_RUN = _SweepRunMarker()
+SWEEP_TEXT = "run names of the shared LM sweep (lm_sweep.saes)"
+SweepRun = Annotated[str, Field(min_length=1), SWEEP_RUN, expects(f"one of the {SWEEP_TEXT}")]
+"""One run of the shared LM sweep that the paper reads (checked against ``lm_sweep.saes``)."""
+SweepRuns = Annotated[
+    list[str], Field(min_length=1), Distinct, SWEEP_RUN, expects(f"a list of distinct {SWEEP_TEXT}")
+]
+"""Runs of the shared LM sweep that the paper reads (checked against ``lm_sweep.saes``)."""
+
+
+def sweep_runs_of(params: Section) -> dict[str, list[str]]:
+    """``{field: runs}`` for every field of ``params`` declared ``SweepRun`` / ``SweepRuns``."""
+    out = {}
+    for name, info in type(params).model_fields.items():
+        _, metadata = _split(info.annotation)
+        if any(m is SWEEP_RUN for m in [*metadata, *info.metadata]):
+            value = getattr(params, name)
+            out[name] = [value] if isinstance(value, str) else list(value)
+    return out
+
+
+def check_sweep_runs(folder: str, params: Section, saes: dict[str, object]) -> None:
+    """Raise ``ParamsError`` naming the field and the runs when ``papers.<folder>`` reads sweep
+    runs that ``lm_sweep.saes`` does not have."""
+    for name, runs in sweep_runs_of(params).items():
+        missing = [r for r in runs if r not in saes]
+        if missing:
+            value = getattr(params, name)
+            raise fail(
+                f"papers.{folder}.{name}",
+                value,
+                f"{SWEEP_TEXT}: {sorted(saes)}",
+                f": {missing} {'is' if len(missing) == 1 else 'are'} not in the sweep (add a run "
+                "to `_sweep_saes` in common/settings.py, or name an existing one)",
+            )
+
+
 class PaperParams(Section):
     """A paper folder's own section of params.yaml, ``papers.<folder>``."""
 
@@ -104,8 +147,12 @@ __all__ = [
     "PositiveInt",
     "Probability",
     "ScorerName",
+    "SweepRun",
+    "SweepRuns",
     "Text",
     "UNetSite",
     "UNetSites",
+    "check_sweep_runs",
     "expects",
+    "sweep_runs_of",
 ]

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import Field
-
-from common.kit.params import NonNegInt, PaperParams, PositiveFloat, PositiveInt
+from common.kit.params import NonNegInt, PaperParams, PositiveInt, SweepRuns
 
 
 class Params(PaperParams):
-    """Gated vs ReLU frontiers (FVU, CE loss recovered vs L0) and shrinkage."""
+    """Gated vs ReLU frontiers (FVU, CE loss recovered vs L0) and shrinkage, on SAEs of the
+    shared LM sweep."""
 
     inputs = "lm"
 
-    train_tokens: PositiveInt = 100000
-    """First N training tokens held in memory"""
+    relu_runs: SweepRuns = ["relu_l1_1.5", "relu_l1_3", "relu_l1_6"]
+    """The ReLU + L1 baseline: runs of `lm_sweep.saes`, one per sparsity coefficient"""
+    gated_runs: SweepRuns = ["gated_l1_3", "gated_l1_6", "gated_l1_12"]
+    """The gated SAEs (the penalty on the gate): runs of `lm_sweep.saes`"""
     eval_tokens: PositiveInt = 5000
     """Held-out tokens for FVU, L0, shrinkage"""
-    d_sae: PositiveInt = 1152
-    steps: PositiveInt = 150
-    batch_size: PositiveInt = 512
-    lr: PositiveFloat = 0.002
-    l1_warmup_steps: NonNegInt = 20
-    relu_l1: Annotated[list[PositiveFloat], Field(min_length=2)] = [1.5, 3.0, 6.0]
-    """Sparsity coefficients of the ReLU baseline"""
-    gated_l1: Annotated[list[PositiveFloat], Field(min_length=2)] = [3.0, 6.0, 12.0]
-    """Sparsity coefficients of the gated SAE (on the gate only)"""
     downstream_windows: NonNegInt = 2
     """Test windows for CE loss recovered; 0 skips it"""

@@ -1,4 +1,4 @@
-"""Paper 07's figure: frontier, dead latents and width scaling, one line per seed."""
+"""Paper 07's figure: frontier, dead latents, width and k scaling, one line per seed."""
 
 from __future__ import annotations
 
@@ -12,37 +12,45 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from common.plots import apply_style
 
 
-def topk_figure(runs: pd.DataFrame, p: Any, plain: str, title: str) -> plt.Figure:
-    """Three panels: FVU vs L0 (TopK and ReLU + L1 at width ``p.d_sae``), the dead fraction with
-    and without tied init + AuxK, and FVU vs width at ``k = p.width_k``."""
+def topk_figure(runs: pd.DataFrame, p: Any, widest: str, title: str) -> plt.Figure:
+    """Four panels: FVU vs L0 (``p.topk_runs`` and ``p.relu_runs``), the dead fraction of
+    ``widest`` (tied init + AuxK) and of ``p.plain_run`` (neither), FVU vs width
+    (``p.width_runs``) and FVU vs k (``p.topk_runs``)."""
     apply_style()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for seed, s in runs.groupby("seed"):
         first = seed == runs.seed.min()
-        relu = s[s.family == "relu"].sort_values("l0")
-        topk = s[(s.family == "topk") & (s.d_sae == p.d_sae) & s.k.isin(p.topk_k)].sort_values("l0")
+        relu = s[s.run.isin(p.relu_runs)].sort_values("l0")
+        topk = s[s.run.isin(p.topk_runs)].sort_values("l0")
         axes[0].plot(
             relu.l0, relu.fvu, "o-", color="C0", alpha=0.7, label="ReLU + L1" if first else None
         )
         axes[0].plot(
             topk.l0, topk.fvu, "s-", color="C1", alpha=0.7, label="TopK" if first else None
         )
-        width = s[s.run.isin([f"topk_k{p.width_k}_w{w}" for w in p.widths])].sort_values("d_sae")
+        width = s[s.run.isin(p.width_runs)].sort_values("d_sae")
         axes[2].plot(width.d_sae, width.fvu, "o-", color="C1", alpha=0.7)
+        by_k = s[s.run.isin(p.topk_runs)].sort_values("k")
+        axes[3].plot(by_k.k, by_k.fvu, "o-", color="C1", alpha=0.7)
+    main_width = int(runs[runs.run == p.topk_runs[0]].d_sae.iloc[0])
     axes[0].set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU")
-    axes[0].set_title(f"frontier, {p.d_sae} latents")
+    axes[0].set_title(f"frontier, {main_width} latents")
     axes[0].legend()
-    dead = runs[runs.run.isin([f"topk_k{p.width_k}_w{p.widths[-1]}", plain])].copy()
-    dead["setting"] = np.where(dead.run == plain, "random init,\nno AuxK", "tied init\n+ AuxK")
+    dead = runs[runs.run.isin([widest, p.plain_run])].copy()
+    dead["setting"] = np.where(dead.run == p.plain_run, "random init,\nno AuxK", "tied init\n+ AuxK")
     stats = dead.groupby("setting")["dead_fraction"].agg(["mean", "std"])
     stats.plot.bar(y="mean", yerr="std", ax=axes[1], legend=False, rot=0, color="C2")
+    widest_row = runs[runs.run == widest].iloc[0]
     axes[1].set(ylabel="dead fraction (held-out tokens)", xlabel="")
-    axes[1].set_title(f"dead latents, {p.widths[-1]} latents, k={p.width_k}")
-    axes[2].set(xscale="log", xlabel="latents n", ylabel="FVU", title=f"width at k={p.width_k}")
-    for ax in (axes[0], axes[2]):  # log-x axes labelled in plain numbers
+    axes[1].set_title(f"dead latents, {int(widest_row.d_sae)} latents, k={int(widest_row.k)}")
+    axes[2].set(xscale="log", xlabel="latents n", ylabel="FVU")
+    axes[2].set_title(f"width at k={int(widest_row.k)}")
+    axes[3].set(xscale="log", yscale="log", xlabel="k", ylabel="FVU")
+    axes[3].set_title(f"k at {main_width} latents")
+    for ax in (axes[0], axes[2], axes[3]):  # log-x axes labelled in plain numbers
         ax.xaxis.set_major_locator(LogLocator(base=2))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    axes[2].set_xticks(p.widths)
+    axes[2].set_xticks(sorted(runs[runs.run.isin(p.width_runs)].d_sae.unique()))
     fig.suptitle(title)
     return fig

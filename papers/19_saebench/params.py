@@ -6,25 +6,28 @@ from typing import Annotated
 
 from pydantic import Field
 
-from common.kit.params import ArchitectureList, CommaInts, PaperParams, PositiveFloat, PositiveInt
+from common.kit.params import CommaInts, PaperParams, PositiveInt, SweepRuns
 
 
 class Params(PaperParams):
-    """The suite over the registry; proxy metrics vs probing and absorption."""
+    """The suite over the architectures of the shared LM sweep; proxy metrics vs probing and
+    absorption."""
 
     inputs = "lm"
 
-    architectures: ArchitectureList = (
-        "relu,gated,jumprelu,topk,batchtopk,matryoshka,switch,archetypal,ra"
-    )
-    """Comma-separated"""
-    d_sae: PositiveInt = 1152
-    k: PositiveInt = 32
-    """L0 target of the TopK family"""
-    steps: PositiveInt = 120
-    batch_size: PositiveInt = 512
-    lr: PositiveFloat = 0.001
-    train_tokens: PositiveInt = 100000
+    runs: SweepRuns = [
+        "relu_l1_3",
+        "gated_l1_6",
+        "jumprelu",
+        "topk_k32",
+        "batchtopk_k32",
+        "matryoshka_k32",
+        "switch_k32",
+        "archetypal_k32",
+        "ra_k32",
+    ]
+    """One run of `lm_sweep.saes` per architecture (distinct architectures); the SAEs and their
+    hyperparameters are the sweep's"""
     eval_tokens: PositiveInt = 10000
     probe_docs: PositiveInt = 256
     """Per probing data set (WordNet categories, tweet sentiment)"""

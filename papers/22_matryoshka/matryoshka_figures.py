@@ -12,14 +12,15 @@ from common.plots import apply_style
 def absorption_figure(
     toy_table: pd.DataFrame, lm_table: pd.DataFrame, seeds: list[int]
 ) -> plt.Figure:
-    """Four panels (toy absorption, LM absorption fraction, LM full-absorption rate, LM FVU):
-    bars are the mean over seeds, dots the seeds."""
+    """Five panels (toy absorption, LM absorption fraction, LM full-absorption rate, LM 1-sparse
+    probe AUC, LM FVU): bars are the mean over seeds, dots the seeds."""
     apply_style()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(18.5, 3.6))
     panels = [
         (toy_table, "absorption", "toy: absorption (known parents)"),
         (lm_table, "absorption_fraction", "LM: absorption fraction"),
         (lm_table, "absorption_full_rate", "LM: full-absorption rate"),
+        (lm_table, "probe_sae_k1_auc", "LM: 1-sparse probe AUC"),
         (lm_table, "fvu", "LM: FVU (held-out tokens)"),
     ]
     for ax, (table, column, title) in zip(axes, panels):

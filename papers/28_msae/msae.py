@@ -410,6 +410,27 @@ def steering_shares(
     }
 
 
+def identity_keeping_strength(
+    query_class_share: dict[float, float], strengths: Sequence[float]
+) -> float:
+    """The steering read-out point, fixed before reading the target share: the largest strength
+    a of the increasing grid such that the query's own class is still at least half of its
+    unsteered share among the neighbours at a and at every smaller strength,
+    own(a') >= own(0) / 2 for all a' <= a. Beyond it the push replaces the query's identity
+    rather than adding a concept to it. ``strengths[0]`` is the unsteered 0 (returned when the
+    first push already halves the query's class)."""
+    grid = list(strengths)
+    if not grid or grid[0] != 0 or any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"strengths must start at 0 and increase, got {grid}")
+    floor = query_class_share[grid[0]] / 2
+    read = grid[0]
+    for a in grid[1:]:
+        if query_class_share[a] < floor:
+            break
+        read = a
+    return read
+
+
 def _nn(v) -> float | None:
     """Strict JSON: NaN / inf -> null."""
     return None if v is None or not np.isfinite(v) else float(v)
@@ -429,7 +450,8 @@ def seed_metrics(
 ) -> dict:
     """One seed's metrics: every frontier point (``f``: this seed's rows), the matched-L0
     comparison, the hierarchy, naming and steering statistics, and under ``derived`` the numbers
-    the claims compare (NaN / inf -> null)."""
+    the claims compare (NaN / inf -> null); the steered shares are read at
+    ``identity_keeping_strength``."""
     points = {
         fam: {
             r.setting: {"l0": r.l0, "fvu": r.fvu, "cosine": r.cosine, "zero_shot": r.zero_shot}
@@ -438,6 +460,7 @@ def seed_metrics(
         for fam, g in f.groupby("family")
     }
     m, h, nm, st = matched, hierarchy, naming, steering
+    read = identity_keeping_strength(st["query_class_share"], steer_strengths)
     msae_k = f[f.family == "msae"].set_index("setting")
     single = f[f.family == "topk_single"].set_index("setting")
     shared_k = [s for s in msae_k.index if s in single.index]
@@ -463,8 +486,12 @@ def seed_metrics(
         "naming_shuffled": _nn(nm["msae"]["shuffled"]),
         "topk_naming_accuracy": _nn(nm["topk"]["accuracy"]),
         "target_share_unsteered": st["target_share"][steer_strengths[0]],
-        "target_share_steered": st["target_share"][steer_strengths[-1]],
+        "target_share_steered": st["target_share"][read],
         "query_class_share_unsteered": st["query_class_share"][steer_strengths[0]],
+        "query_class_share_steered": st["query_class_share"][read],
+        "steer_strength_read": read,
+        "target_share_at_max_strength": st["target_share"][steer_strengths[-1]],
+        "query_class_share_at_max_strength": st["query_class_share"][steer_strengths[-1]],
     }
     return {
         "frontier": {

@@ -149,11 +149,16 @@ def steering_grid_figure(
 
 
 def steering_share_figure(
-    steering: dict, strengths: Sequence[float], n_neighbours: int
+    steering: dict,
+    strengths: Sequence[float],
+    n_neighbours: int,
+    read_at: dict | None = None,
 ) -> plt.Figure:
-    """The share of neighbours of the target class and of the query's class against strength."""
+    """The share of neighbours of the target class and of the query's class against strength
+    (the whole curve, mean and std over seeds), the identity floor own(0) / 2 and each seed's
+    read-out strength ``read_at[seed]`` (dotted)."""
     apply_style()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for key, label, color in (
         ("target_share", "target class", "C3"),
         ("query_class_share", "query's class", "C0"),
@@ -168,10 +173,15 @@ def steering_share_figure(
             label=label,
             capsize=2,
         )
+    floor = np.mean([steering[s]["query_class_share"][strengths[0]] / 2 for s in steering])
+    ax.axhline(floor, color="C0", ls="--", lw=1, label="identity floor: own(0) / 2")
+    for i, a in enumerate(sorted(set((read_at or {}).values()))):
+        label = "read-out strength a* (per seed)" if i == 0 else None
+        ax.axvline(a, color="k", ls=":", lw=1.2, label=label)
     ax.set(
         xlabel="steering strength a (x mean concept activation)",
         ylabel=f"share of the {n_neighbours} neighbours",
         title="concept steering of retrieval",
     )
-    ax.legend()
+    ax.legend(fontsize=8)
     return fig

@@ -56,14 +56,19 @@ class Params(PaperParams):
     """Test images used as retrieval queries"""
     n_neighbours: PositiveInt = 10
     """Retrieved gallery (train) images per query"""
-    steer_strengths: Annotated[list[NonNegFloat], Field(min_length=2)] = [
+    steer_strengths: Annotated[list[NonNegFloat], Field(min_length=2), Increasing] = [
         0.0,
         1.0,
         2.0,
+        3.0,
         4.0,
+        6.0,
         8.0,
+        12.0,
         16.0,
     ]
+    """Steering strengths a, from 0 (plain retrieval); the claim reads the largest a at which the
+    query's own class keeps at least half of its unsteered share of the neighbours"""
     n_show_latents: PositiveInt = 6
     """Latents in the naming grid"""
     n_show_images: PositiveInt = 6

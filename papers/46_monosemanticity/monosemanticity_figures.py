@@ -58,7 +58,9 @@ def ms_vs_width_and_k_figure(
         else:
             t = t[(t.k == p.k) & t.expansion.isin(p.expansions)]
         g = t.groupby(var)[["ms_median", "ms_printed_median"]].agg(["mean", "std"])
-        for row, (score, metric) in enumerate((("ms", "ms_median"), ("ms_printed", "ms_printed_median"))):
+        for row, (score, metric) in enumerate(
+            (("ms", "ms_median"), ("ms_printed", "ms_printed_median"))
+        ):
             ax = axes[row, col]
             ax.errorbar(
                 g.index,
