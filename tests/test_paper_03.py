@@ -110,3 +110,20 @@ def test_linearity_scores_on_an_exactly_linear_map():
     s = splice.linearity_scores(composite, ea, eb, other)
     assert s["avg"] == pytest.approx(1.0, abs=1e-6)
     assert s["single"] < s["avg"] and s["control"] < s["avg"]
+
+
+def test_weight_shares_halves_for_an_average_and_zero_for_an_unrelated_image():
+    w_a = torch.tensor([[3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    w_b = torch.tensor([[0.0, 0.0, 1.0, 4.0, 2.0, 0.0, 0.0]])
+    w_c = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 1.0]])
+    w_ab = (w_a + w_b) / 2  # the composite as the exact average of its parts
+    s = splice.weight_shares(w_a, w_b, w_c, w_ab, n_top=3)
+    assert float(s["share_a"]) == pytest.approx(0.5)  # concept 2 is b's too: left out
+    assert float(s["share_b"]) == pytest.approx(0.5)
+    assert float(s["unrelated"]) == pytest.approx(0.0)
+    # a's exclusive top concepts skip b's top ones and only count positive weights
+    mask = splice.exclusive_top(w_a, 3, splice.exclusive_top(w_b, 3))
+    assert mask[0].nonzero().flatten().tolist() == [0, 1]
+    # an image with no weight at all gives NaN, not a share
+    empty = splice.weight_shares(torch.zeros(1, 7), w_b, w_c, w_ab, n_top=3)
+    assert torch.isnan(empty["share_a"]).all()

@@ -149,3 +149,40 @@ def test_zero_shot_readout_has_the_same_argmax():
     x = torch.randn(40, 6) * 3
     head = sauce.zero_shot_readout(clip, weights)
     assert (head.predict(x) == sauce.zero_shot_predict(clip, x, weights)).all()
+
+
+def test_multi_unlearning_scores_count_each_concept_on_its_own():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    # class 0 images called class 1 (forgotten as 0), class 1 kept, class 2 all right
+    pred = np.array([1, 1, 1, 1, 2, 2])
+    s = sauce.multi_unlearning_scores(pred, labels, (0, 1))
+    assert s["ua"] == pytest.approx(0.5)  # class 0: 1, class 1: 0
+    assert s["ira"] == pytest.approx(1.0)
+    # the union reading would call class 0 still recognised (predicted in the set)
+    assert sauce.unlearning_scores(pred, labels, (0, 1))["ua"] == pytest.approx(0.0)
+    assert sauce.unlearning_quality(1.0, 0.5, 0.0) == pytest.approx(0.5)
+
+
+def test_finetune_probe_unlearns_the_forget_set_and_stops():
+    torch.manual_seed(3)
+    centres = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])
+    y = torch.arange(3).repeat_interleave(40)
+    x = centres[y] + 0.5 * torch.randn(120, 2)
+    clf = sauce.fit_probe(x, y, c=1.0)
+    forget = y == 0
+    for beta in (0.0, 1.0):
+        head, steps = sauce.finetune_probe(
+            clf, x[forget], y[forget], x[~forget], y[~forget], (0,),
+            retain_weight=beta, lr=0.05, max_steps=500, stop_ua=0.9,
+        )  # fmt: skip
+        pred = head.predict(x)
+        assert 0 < steps < 500  # stopped by the rule, not by the step limit
+        assert (pred[forget.numpy()] != 0).mean() >= 0.9
+        if beta:  # gradient difference keeps the other classes
+            assert (pred[~forget.numpy()] == y[~forget].numpy()).mean() > 0.9
+    # no steps at all when the forget set is already unrecognised
+    _, steps = sauce.finetune_probe(
+        clf, x[forget], y[forget], x[~forget], y[~forget], (2,),
+        retain_weight=0.0, lr=0.05, max_steps=5, stop_ua=0.9,
+    )  # fmt: skip
+    assert steps == 0

@@ -235,7 +235,9 @@ class Paper:
         """Run ``run`` of the shared LM sweep as declared in ``lm_sweep.saes``, with its
         ``architecture`` (which defaults to the run name) always present."""
         if run not in self.shared.lm_sweep.saes:
-            raise ValueError(f"lm_sweep.saes has no run {run!r}: {sorted(self.shared.lm_sweep.saes)}")
+            raise ValueError(
+                f"lm_sweep.saes has no run {run!r}: {sorted(self.shared.lm_sweep.saes)}"
+            )
         hyper = dict(self.shared.lm_sweep.saes[run])
         return {"architecture": hyper.pop("architecture", run), **hyper}
 

@@ -43,7 +43,9 @@ def purity_distribution_figure(
     apply_style()
     dist = pd.DataFrame(purities).dropna()
     fig, ax = plt.subplots(figsize=(11, 4))
-    sns.boxplot(data=dist, x="site", y="purity", hue="basis", ax=ax, fliersize=1)
+    sns.boxplot(
+        data=dist, x="site", y="purity", hue="basis", hue_order=list(BASES), ax=ax, fliersize=1
+    )
     ax.axhline(chance_purity, color="k", ls="--", lw=1)
     ax.set_ylabel(f"purity of one direction's top-{n_top_docs} docs")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))

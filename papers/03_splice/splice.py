@@ -26,6 +26,7 @@ average of their embeddings, cos(e(a|b), normalize(e(a) + e(b))).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -368,6 +369,67 @@ def linearity_check(clip, images: Tensor, labels: Tensor, emb: Tensor, n_pairs: 
     return {**full, "avg_halves": halves["avg"], "single_halves": halves["single"]}
 
 
+def exclusive_top(w: Tensor, n_top: int, exclude: Tensor | None = None) -> Tensor:
+    """Per row of ``w`` (B, K), a mask of its ``n_top`` largest positive weights among the
+    concepts not in ``exclude`` (B, K; True = left out)."""
+    w = w.clone()
+    if exclude is not None:
+        w[exclude] = 0.0
+    top = w.topk(min(n_top, w.shape[1]), dim=1).indices
+    mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, top, True)
+    return mask & (w > 0)
+
+
+def weight_shares(
+    w_a: Tensor, w_b: Tensor, w_c: Tensor, w_ab: Tensor, n_top: int
+) -> dict[str, Tensor]:
+    """How the decomposition of a composite a|b shares out its parts' concepts (rows: pairs).
+
+    T_a = the ``n_top`` top concepts of a not among b's top ``n_top`` (and vice versa), T_c = the
+    top concepts of an unrelated image c not among either's. The share of a's concepts is
+
+        share_a = sum_{k in T_a} w_ab[k] / sum_{k in T_a} w_a[k]
+
+    (the composite's weight on a's own concepts relative to a's weight on them): about 1/2 if the
+    composite is the average of its parts (the paper's weight of about 0.5), about 0 for the
+    unrelated c. NaN where a set is empty.
+    """
+    top_a, top_b = exclusive_top(w_a, n_top), exclusive_top(w_b, n_top)
+    t_a = exclusive_top(w_a, n_top, top_b)
+    t_b = exclusive_top(w_b, n_top, top_a)
+    t_c = exclusive_top(w_c, n_top, top_a | top_b)
+
+    def share(t: Tensor, own: Tensor) -> Tensor:
+        den = (own * t).sum(1)
+        return torch.where(den > 0, (w_ab * t).sum(1) / den.clamp_min(1e-12), torch.nan)
+
+    return {"share_a": share(t_a, w_a), "share_b": share(t_b, w_b), "unrelated": share(t_c, w_c)}
+
+
+def composite_shares(
+    clip, images: Tensor, labels: Tensor, emb: Tensor, n_pairs: int, g, decompose, n_top: int
+) -> dict[str, float]:
+    """The decomposition test of linearity on ``n_pairs`` composites a|b (a, b of different
+    classes) with an unrelated image c (a third class), drawn with generator ``g``;
+    ``decompose`` maps embeddings (B, D) to SpLiCE weights (B, K). Means over the pairs of
+    ``weight_shares``: ``pair_share`` (of a's and b's concepts) and ``unrelated_share``."""
+    i, j, k = (torch.randint(len(labels), (8 * n_pairs,), generator=g) for _ in range(3))
+    ok = (labels[i] != labels[j]) & (labels[k] != labels[i]) & (labels[k] != labels[j])
+    keep = ok.nonzero()[:, 0][:n_pairs]
+    a, b, c = i[keep], j[keep], k[keep]
+    comp = clip.project_image_features(
+        clip.image_features(side_by_side(images[a], images[b], images[a]))
+    )
+    w_a, w_b, w_c, w_ab = decompose(torch.cat([emb[a], emb[b], emb[c], comp])).split(len(a))
+    s = weight_shares(w_a, w_b, w_c, w_ab, n_top)
+    pair = torch.cat([s["share_a"], s["share_b"]])
+    return {
+        "pair_share": float(np.nanmean(pair.numpy())) if len(pair) else math.nan,
+        "unrelated_share": float(np.nanmean(s["unrelated"].numpy())) if len(a) else math.nan,
+        "n_pairs": int(len(a)),
+    }
+
+
 def _none_or(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
@@ -406,6 +468,8 @@ def seed_metrics(
         "top_is_own_name_with_class_names": semantics["top_is_own_name_with_class_names"],
         **{f"linearity_{k}": linearity[k] for k in ("avg", "single", "control")},
         **{f"linearity_{k}": linearity[k] for k in ("avg_halves", "single_halves")},
+        "linearity_pair_weight_share": _none_or(linearity["pair_share"]),
+        "linearity_unrelated_weight_share": _none_or(linearity["unrelated_share"]),
     }
     return {
         "sweep": {

@@ -81,18 +81,29 @@ def examples_figure(
 
 
 def linearity_figure(linearity: dict) -> plt.Figure:
-    """Mean (std over seeds) of each linearity score."""
+    """Left: the decomposition test, the composite's weight on each part's own concepts and on an
+    unrelated image's (relative to their own weights), with the paper's 1/2 and the claim's band;
+    right: the cosine diagnostics. Mean (std over seeds)."""
     apply_style()
     lin = pd.DataFrame(linearity).T
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), width_ratios=(2, 5))
+    shares = ["pair_share", "unrelated_share"]
+    left.bar([0, 1], lin[shares].mean(), yerr=lin[shares].std(), color=["C0", "C7"])
+    left.axhspan(0.25, 0.75, color="C2", alpha=0.12, label="claim: |share - 1/2| <= 1/4")
+    left.axhline(0.5, color="C2", ls="--", lw=1, label="paper: about 1/2")
+    left.set_xticks(
+        [0, 1], ["the pair's own\nconcepts", "an unrelated image's\nconcepts (control)"]
+    )
+    left.set(ylabel="composite weight / own weight", title="decomposing a|b")
+    left.legend(fontsize=7)
     cols = ["avg", "avg_halves", "single", "single_halves", "control"]
-    ax.bar(
+    right.bar(
         range(len(cols)),
         lin[cols].mean(),
         yerr=lin[cols].std(),
         color=[f"C{i}" for i in range(len(cols))],
     )
-    ax.set_xticks(
+    right.set_xticks(
         range(len(cols)),
         [
             "composite vs\naverage",
@@ -103,8 +114,5 @@ def linearity_figure(linearity: dict) -> plt.Figure:
         ],
         fontsize=8,
     )
-    ax.set(
-        ylabel="cosine",
-        title="linearity: two images side by side vs the average of their embeddings",
-    )
+    right.set(ylabel="cosine", title="diagnostics: cosines (avg > single holds by algebra)")
     return fig

@@ -37,7 +37,9 @@ def topk_figure(runs: pd.DataFrame, p: Any, widest: str, title: str) -> plt.Figu
     axes[0].set_title(f"frontier, {main_width} latents")
     axes[0].legend()
     dead = runs[runs.run.isin([widest, p.plain_run])].copy()
-    dead["setting"] = np.where(dead.run == p.plain_run, "random init,\nno AuxK", "tied init\n+ AuxK")
+    dead["setting"] = np.where(
+        dead.run == p.plain_run, "random init,\nno AuxK", "tied init\n+ AuxK"
+    )
     stats = dead.groupby("setting")["dead_fraction"].agg(["mean", "std"])
     stats.plot.bar(y="mean", yerr="std", ax=axes[1], legend=False, rot=0, color="C2")
     widest_row = runs[runs.run == widest].iloc[0]

@@ -37,6 +37,17 @@ class Params(PaperParams):
     k_main: PositiveInt = 16
     """The operating point, chosen on a held-out part of the training split"""
     gamma_main: float = -2.0
+    multi_size: Annotated[int, Field(ge=2, le=9)] = 3
+    """Multi-concept unlearning: Fashion-MNIST classes unlearned together in one edit"""
+    n_multi_sets: PositiveInt = 3
+    """Multi-concept unlearning: concept sets per seed (a seeded draw)"""
+    wu_lr: PositiveFloat = 0.001
+    """Weight-update baseline: Adam learning rate of the probe-head fine-tuning"""
+    wu_max_steps: PositiveInt = 300
+    """Weight-update baseline: at most this many full-batch steps"""
+    wu_stop_ua: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Weight-update baseline: stop once this share of the forget set's training images is no
+    longer recognised (the claims' unlearning threshold)"""
     probe_c: PositiveFloat = 0.1
     """Inverse L2 strength of the logistic-regression probe"""
     n_grid_features: PositiveInt = 3
