@@ -273,9 +273,9 @@ def _check_prefix_cache(judge, tol: float) -> None:
         assert a.sum() == pytest.approx(1.0) and np.all(a >= 0)
         np.testing.assert_allclose(a, b, atol=tol)
     assert 0 < judge.last_choice_mass <= 1
-    text = judge.generate(P.explain_prompt(["the <<cat>> sat"]), max_tokens=6)
+    text = judge.generate(P.explain_prompt(["the <<cat>> sat"]), max_tokens=3)
     assert isinstance(text, str)
-    assert judge.generate(P.explain_prompt(["the <<cat>> sat"]), max_tokens=6) == text  # greedy
+    assert judge.generate(P.explain_prompt(["the <<cat>> sat"]), max_tokens=3) == text  # greedy
 
 
 def test_transformers_judge_on_a_tiny_local_model(tiny_lm):
@@ -412,3 +412,15 @@ def test_command_line_scores_an_sae_and_neurons(tiny_lm, tmp_path):
     assert sorted(p.name for p in (tmp_path / "site").glob("*.html")) == [
         "index.html", "neurons.html", "sae_run.html"
     ]  # fmt: skip
+
+
+def test_negatives_are_length_matched(toy):
+    """Negatives are at least as long as the median activating test context, so excerpt length
+    cannot separate them (a judge's P(yes) grows with length)."""
+    lengths = np.random.default_rng(0).integers(2, 12, size=len(toy.token_ids))  # 2..11 tokens
+    docs = np.repeat(np.arange(len(lengths)), lengths)[: len(toy.token_ids)]
+    records = build_records(toy.acts, toy.token_ids, toy.vocab, toy.sae, n_latents=6,
+                            sequence_ids=docs, context_len=8, min_contexts=10)  # fmt: skip
+    for r in records:
+        median = np.median([len(c.tokens) for c in r.test])
+        assert all(len(c.tokens) >= median for c in r.negatives + r.close_negatives)

@@ -11,6 +11,7 @@ import yaml
 from common import kit
 from common.activations.store import ActivationStoreWriter
 from common.kit import sweep
+from common.kit.params import sweep_runs_of
 from common.params import ParamsError, profile_params
 from common.settings import SharedParams
 
@@ -26,13 +27,27 @@ def smoke_params(tmp_path, monkeypatch):
 
 def test_open_paper_reads_params_yaml_and_overrides_are_checked(smoke_params):
     paper = kit.open_paper("07_topk")
-    assert paper.params.steps == smoke_params["papers"]["07_topk"]["steps"]
+    assert paper.params.eval_tokens == smoke_params["papers"]["07_topk"]["eval_tokens"]
     assert paper.seeds == smoke_params["papers"]["seeds"]
-    assert kit.open_paper("07_topk", overrides={"steps": 3}).params.steps == 3
-    with pytest.raises(ParamsError, match="`papers.07_topk.steps` must be a positive integer"):
-        kit.open_paper("07_topk", overrides={"steps": -1})
+    assert kit.open_paper("07_topk", overrides={"eval_tokens": 3}).params.eval_tokens == 3
+    with pytest.raises(ParamsError, match="`papers.07_topk.eval_tokens` must be a positive integ"):
+        kit.open_paper("07_topk", overrides={"eval_tokens": -1})
     with pytest.raises(ParamsError, match="not inside a paper folder"):
         kit.open_paper()  # the tests do not run inside papers/NN_name
+
+
+def test_the_sweep_runs_a_paper_reads_are_checked_at_open_time(smoke_params):
+    paper = kit.open_paper("45_absorption")
+    assert sweep_runs_of(paper.params) == {
+        "width_runs": smoke_params["papers"]["45_absorption"]["width_runs"],
+        "k_runs": smoke_params["papers"]["45_absorption"]["k_runs"],
+    }
+    assert sweep_runs_of(kit.open_paper("07_topk").params)["plain_run"] == ["topk_k8_w2304_plain"]
+    with pytest.raises(ParamsError, match=r"`papers.45_absorption.k_runs` .*\['topk_k99'\] is not"):
+        kit.open_paper("45_absorption", overrides={"k_runs": ["topk_k16", "topk_k99"]})
+    hyper = paper.sweep_hyperparameters("topk_k8_w2304_plain")
+    assert hyper["architecture"] == "topk" and hyper["aux_coefficient"] == 0.0
+    assert paper.sweep_hyperparameters("jumprelu")["architecture"] == "jumprelu"  # the run's name
 
 
 def test_shared_training_settings_come_from_papers_training(smoke_params):
@@ -58,7 +73,8 @@ def test_record_and_save_metrics_with_a_half_budget(smoke_params, tmp_path, monk
     doc = json.loads(paper.save_metrics({"note": "t"}).read_text())
     assert doc["seeds"]["0"]["derived"]["x"] == 1.5
     assert doc["budgets"]["half"]["seeds"]["0"]["derived"]["x"] == 1.0
-    assert doc["config"]["steps"] == paper.params.steps and doc["config"]["note"] == "t"
+    assert doc["config"]["eval_tokens"] == paper.params.eval_tokens
+    assert doc["config"]["note"] == "t"
     with pytest.raises(ValueError, match="not one of papers.seeds"):
         paper.record(99, {})
 

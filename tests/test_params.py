@@ -56,9 +56,10 @@ def test_profiles_are_valid(profile):
         (("papers", "seeds"), [0, 1], "`papers.seeds` must be a list of at least 3 distinct"),
         (("papers", "seeds"), [0, 0, 1], "`papers.seeds` must be a list of at least 3 distinct"),
         (("papers", "inputs"), {"07_topk": {"data": "data/lm"}}, "`papers.inputs` must be the inputs"),
-        (("papers", "19_saebench", "architectures"), "topk,nope", "comma-separated string of"),
-        (("papers", "07_topk", "widths"), [576], "`papers.07_topk.widths` must be a list of"),
-        (("papers", "22_matryoshka", "prefix_fractions"), [0.5, 0.25], "increasing list"),
+        # the sweep runs a paper reads: names of lm_sweep.saes (a cross-check), distinct
+        (("papers", "19_saebench", "runs"), ["topk_k32", "nope"], "['nope'] is not in the sweep"),
+        (("papers", "07_topk", "plain_run"), "nope", "`papers.07_topk.plain_run` must be run"),
+        (("papers", "07_topk", "width_runs"), ["topk_k8", "topk_k8"], "a list of distinct run"),
         # hook sites, checked by name (common.models.sites) and layer, before any model is loaded
         (
             ("lm", "site"),
@@ -84,7 +85,7 @@ def test_profiles_are_valid(profile):
         (("papers", "17_saeuron", "device"), "cuda:x", "`papers.17_saeuron.device` must be"),
         # numbers: finite, and a quoted number says how to write it
         (("toy_train", "lr"), float("inf"), "got inf; inf and nan are not accepted"),
-        (("lm_train", "lr"), float("nan"), "got nan; inf and nan are not accepted"),
+        (("lm_sweep", "lr"), float("nan"), "got nan; inf and nan are not accepted"),
         (("classifier", "epochs"), float("inf"), "`classifier.epochs` must be a positive number"),
         (("papers", "14_patch_sae", "threshold"), float("inf"), "inf and nan are not accepted"),
         (("papers", "34_sauce", "gammas"), [1.0, float("nan")], "inf and nan are not accepted"),
@@ -98,7 +99,7 @@ def test_profiles_are_valid(profile):
             "'1e-3' is a string: write it as a number, without quotes, e.g. 0.001",
         ),
         (
-            ("papers", "02_gated", "relu_l1"),
+            ("papers", "28_msae", "relu_l1"),
             ["5E-4", 0.01],
             "write it as a number, without quotes, e.g. 0.0005",
         ),
@@ -357,7 +358,7 @@ def test_every_stage_depends_on_the_params_check():
 
 def test_check_is_fast_and_fails_before_any_work(tmp_path, default):
     params = copy.deepcopy(default)
-    params["papers"]["45_absorption"]["lr"] = -1  # the last key: everything else is checked first
+    params["papers"]["45_absorption"]["eval_tokens"] = -1  # a late key: most is checked first
     bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
     bad.write_text(yaml.safe_dump(params, sort_keys=False))
     good.write_text(yaml.safe_dump(default, sort_keys=False))
@@ -381,7 +382,7 @@ print("RESULT", ok, bad, t1 - t0, t2 - t1, heavy)
     assert result.startswith("RESULT"), run.stderr
     _, ok, bad_rc, seconds_ok, seconds_bad, heavy = result.split(maxsplit=5)
     assert (ok, bad_rc) == ("0", "2"), run.stderr
-    assert "`papers.45_absorption.lr` must be a positive number, got -1" in run.stderr
+    assert "`papers.45_absorption.eval_tokens` must be a positive integer, got -1" in run.stderr
     assert not out.exists()  # no stamp: no stage downstream of check_params can start
     assert heavy.strip() == "[]"  # no model library is loaded to check the file
     assert float(seconds_ok) < 1.0 and float(seconds_bad) < 1.0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,8 @@ def edit_effects(
 
     flip_rate: P(pred_after != pred_before); target_rate: P(pred_after == target) (steering);
     rms_low / rms_high: sqrt(mean E_low / pixels), sqrt(mean E_high / pixels);
-    low_share: sum E_low / sum (E_low + E_high); rms_high_kept: rms_high over images whose class
+    low_share: sum E_low / sum (E_low + E_high); n_images: the images the rates are over;
+    rms_high_kept: rms_high over images whose class
     was kept (the detail change that leaves the class alone; null if none kept).
     """
     if before.shape != after.shape:
@@ -225,6 +227,7 @@ def edit_effects(
     kept = ~flipped
     total = float((e_low + e_high).sum())
     out = {
+        "n_images": len(before),
         "flip_rate": float(flipped.float().mean()),
         "rms_low": float((e_low.mean() / pixels).sqrt()),
         "rms_high": float((e_high.mean() / pixels).sqrt()),
@@ -424,6 +427,22 @@ def high_share_kept(
     return float(e_high.sum()) / total if total > 0 else None
 
 
+def effect_and_flips(
+    classifier: Any,
+    before: Tensor,
+    after: Tensor,
+    pred_before: Tensor,
+    cutoff: float,
+    target: Tensor | None = None,
+) -> tuple[dict[str, float | None], Tensor]:
+    """``edit_effects`` of an edit as the classifier reads it with ``high_share_kept``, and the
+    per-image flips (N,) bool, pred_after != pred_before."""
+    pred_after = classifier.predict(after)
+    row = edit_effects(before, after, pred_before, pred_after, cutoff, target)
+    row["high_share_kept"] = high_share_kept(before, after, pred_before, pred_after, cutoff)
+    return row, pred_after != pred_before
+
+
 def effect_row(
     classifier: Any,
     before: Tensor,
@@ -433,10 +452,35 @@ def effect_row(
     target: Tensor | None = None,
 ) -> dict[str, float | None]:
     """``edit_effects`` of an edit as the classifier reads it, and ``high_share_kept``."""
-    pred_after = classifier.predict(after)
-    row = edit_effects(before, after, pred_before, pred_after, cutoff, target)
-    row["high_share_kept"] = high_share_kept(before, after, pred_before, pred_after, cutoff)
-    return row
+    return effect_and_flips(classifier, before, after, pred_before, cutoff, target)[0]
+
+
+def composition_margin(diffs: Sequence[Tensor], chosen: int, z: float = 2.0) -> dict[str, Any]:
+    """How far block ``chosen`` leads the runner-up, with a binomial-style interval.
+
+    ``diffs[b]`` (N,): per image i of the ablation prompts (the same prompts and noise in every
+    block), e_bi = flip_bi(feature ablation) - flip_bi(random control) in {-1, 0, 1}, so that
+    block b's composition score is mean_i e_bi. With r the runner-up (the best other block) and
+    d_i = e_chosen,i - e_r,i (paired):
+
+        margin = mean_i d_i,   se = sd(d) / sqrt(N),   lower = margin - z se.
+
+    ``lower`` > 0 says the lead is more than z standard errors, which one image never is: a lead
+    of one image has se >= about 1/N."""
+    n = len(diffs[chosen])
+    others = [b for b in range(len(diffs)) if b != chosen]
+    if not others or n < 2:
+        return {"runner_up": None, "margin": None, "se": None, "lower": None, "n_images": n}
+    runner = max(others, key=lambda b: float(diffs[b].float().mean()))
+    d = diffs[chosen].double() - diffs[runner].double()
+    margin, se = float(d.mean()), float(d.std() / np.sqrt(n))
+    return {
+        "runner_up": runner,
+        "margin": margin,
+        "se": se,
+        "lower": margin - z * se,
+        "n_images": n,
+    }
 
 
 def transfer_rows(
@@ -451,6 +495,134 @@ def transfer_rows(
         {"t": k, "sae_1step": one[k], "sae_4step": four[k], "mean_ablation": mean_fvu[k]}
         for k in sorted(one, reverse=True)
     ]
+
+
+# --- the measurements of one training budget ---------------------------------------------------
+@dataclass
+class PromptSet:
+    """Captions drawn with sampling ``seed`` (1 step); ``targets``: each caption's steering target
+    B (steering sets); ``images`` / ``pred``: the unedited images and their classes, if needed."""
+
+    captions: list[str]
+    seed: int
+    labels: Tensor | None = None
+    targets: Tensor | None = None
+    images: Tensor | None = None
+    pred: Tensor | None = None
+
+
+@dataclass
+class Bench:
+    """What the measurements of every training budget share (``measure``): the sampler and
+    classifier, the studied blocks and their tokens (``store_sites`` per set), the held-out prompts
+    (``held_out``), the steering prompts per seed for evaluation (``steer``) and for picking the
+    block (``steer_validation``, drawn with ``validation_seed``), the mean 1-step update per block,
+    the seed-independent mean-ablation accuracies in 4-step sampling, and the edit settings."""
+
+    generate: Generator
+    classifier: Any
+    sites: list[str]
+    names: dict[str, str]
+    tok: dict[str, dict[str, dict[str, Any]]]
+    held_out: PromptSet
+    steer: dict[int, PromptSet]
+    steer_validation: dict[int, PromptSet]
+    mean_update: dict[str, Tensor]
+    mean_accuracy_4step: dict[str, float]
+    n_classes: int
+    n_features: int
+    multiplier: float
+    cutoff: float
+
+    def accuracy(self, num_steps: int, edit: Any) -> float:
+        """Class accuracy of the held-out prompts sampled in ``num_steps`` steps under ``edit``."""
+        h = self.held_out
+        images = self.generate(h.captions, num_steps, h.seed, edit=edit)
+        return float((self.classifier.predict(images) == h.labels).float().mean())
+
+
+def intervention_effects(b: Bench, seed: int, saes: dict, feats: dict, out: dict) -> None:
+    """Per block: the class features turned off on the held-out prompts and the same-norm random
+    control (``eff`` rows, and the per-image excess flips in ``flips``), class-B features turned on
+    while prompting A and its random control, and the target rate of the same steering on the
+    validation prompts (``steer_validation``, which picks the steering block)."""
+    h, st, va = b.held_out, b.steer[seed], b.steer_validation[seed]
+    flips, val = {}, {}
+    for s in b.sites:
+        sae, positions, d = saes[seed, s], b.tok[s]["train"]["P"], b.tok[s]["train"]["C"]
+        mask = ablation_mask(feats[seed, s]["top"], h.labels, sae.cfg.d_sae)
+        rand = random_unit(len(h.captions), d, 1000 + seed)
+        got = {}
+        for kind, kw in [("ablation", {}), ("random_ablation", {"random_ablate": rand})]:
+            after = b.generate(
+                h.captions, 1, h.seed, edit=(s, make_edit(sae, positions, mask, **kw))
+            )
+            row, got[kind] = effect_and_flips(b.classifier, h.images, after, h.pred, b.cutoff)
+            out["eff"].append({"seed": seed, "block": b.names[s], "kind": kind, **row})
+        flips[b.names[s]] = got["ablation"].float() - got["random_ablation"].float()
+        dirs = unit_directions(sae)
+        add = steer_vectors(feats[seed, s], dirs, st.targets, b.multiplier)
+        radd = random_unit(len(st.captions), d, 2000 + seed)[:, None, :] * add.norm(
+            dim=2, keepdim=True
+        )
+        for kind, vec in [("steering", add), ("random_steering", radd)]:
+            after = b.generate(
+                st.captions, 1, st.seed, edit=(s, make_edit(sae, positions, add=vec))
+            )
+            row = effect_row(b.classifier, st.images, after, st.pred, b.cutoff, st.targets)
+            out["eff"].append({"seed": seed, "block": b.names[s], "kind": kind, **row})
+        vadd = steer_vectors(feats[seed, s], dirs, va.targets, b.multiplier)
+        after = b.generate(va.captions, 1, va.seed, edit=(s, make_edit(sae, positions, add=vadd)))
+        val[b.names[s]] = float((b.classifier.predict(after) == va.targets).float().mean())
+    out["flips"][seed], out["steer_validation"][seed] = flips, val
+
+
+def transfer_measures(
+    b: Bench, seed: int, saes: dict, saes4: dict, out: dict, splice_1step: bool
+) -> None:
+    """Per block: FVU per timestep of the 4-step held-out updates (1-step SAE, 4-step SAE, mean
+    update), and the class accuracy with the 1-step SAE spliced into 4-step sampling (and, with
+    ``splice_1step``, into 1-step sampling); then the splice into all blocks at once."""
+    for s in b.sites:
+        d4 = b.tok[s]["eval4"]
+        for row in transfer_rows(d4["x"], d4["t"], saes[seed, s], saes4[seed, s], b.mean_update[s]):
+            out["transfer"].append({"seed": seed, "block": b.names[s], **row})
+        edit = (s, reconstruction_edit(saes[seed, s]))
+        row = {"seed": seed, "block": b.names[s]}
+        if splice_1step:
+            row["acc_1step_sae_in_1step"] = b.accuracy(1, edit)
+        row["acc_1step_sae_in_4step"] = b.accuracy(4, edit)
+        row["acc_mean_ablation_in_4step"] = b.mean_accuracy_4step[s]
+        out["splice"].append(row)
+    all_sae = [(s, reconstruction_edit(saes[seed, s])) for s in b.sites]
+    out["splice_all"][seed] = {"acc_1step_sae_all_blocks_in_4step": b.accuracy(4, all_sae)}
+
+
+def measure(
+    b: Bench, saes: dict, saes4: dict, seeds: Sequence[int], mean_rows: list, splice_1step: bool
+) -> tuple[dict[str, Any], dict]:
+    """Every SAE-dependent measurement of one training budget, for every seed: ``recon`` (FVU, L0,
+    alive), ``eff`` (interventions; ``mean_rows``, the seed-independent mean ablations, are added
+    for every seed), ``flips``, ``steer_validation``, ``transfer``, ``splice``, ``splice_all``;
+    and the class features of every (seed, block). The same function serves the full budget and
+    half of it, so both are measured alike (``splice_1step``: a diagnostic no claim reads)."""
+    import pandas as pd
+
+    out: dict[str, Any] = {"recon": [], "eff": [], "transfer": [], "splice": []}
+    out |= {"flips": {}, "steer_validation": {}, "splice_all": {}}
+    feats = {}
+    for seed in seeds:
+        for s in b.sites:
+            train, held = b.tok[s]["train"], b.tok[s]["eval"]
+            feats[seed, s] = class_features(saes[seed, s], train, b.n_classes, b.n_features)
+            summary = recon_summary(saes[seed, s], held["x"], train["x"])
+            out["recon"].append({"seed": seed, "block": b.names[s], **summary})
+        out["eff"] += [{"seed": seed, **row} for row in mean_rows]
+        intervention_effects(b, seed, saes, feats, out)
+        transfer_measures(b, seed, saes, saes4, out, splice_1step)
+    for key in ("recon", "eff", "transfer", "splice"):
+        out[key] = pd.DataFrame(out[key])
+    return out, feats
 
 
 # --- metrics for the claims ---------------------------------------------------------------------
@@ -503,9 +675,18 @@ def seed_metrics(
     """One seed's metrics: ``blocks`` (``block_metrics`` per studied block, keyed by its short
     name with "_"), the blocks' ``roles`` and the ``derived`` quantities the claims compare.
 
-    ``tables``: the notebook's ``eff``, ``recon``, ``transfer``, ``splice`` DataFrames and
-    ``splice_all`` (seed -> all-blocks splice accuracies); ``accuracies``: ``acc_1step``,
-    ``acc_4step`` and ``acc_all_mean_4`` of the unedited and mean-ablated runs."""
+    ``tables``: ``measure``'s ``eff``, ``recon``, ``transfer``, ``splice`` DataFrames, ``flips``
+    (seed -> block -> per-image excess flips), ``steer_validation`` (seed -> block -> target rate
+    on the validation prompts) and ``splice_all`` (seed -> all-blocks splice accuracy);
+    ``accuracies``: ``acc_1step``, ``acc_4step`` and ``acc_all_mean_4`` of the unedited and
+    mean-ablated runs.
+
+    The composition block is the argmax over blocks of the flip rate of feature ablation in excess
+    of its same-norm random control, and ``composition_margin`` says by how much it leads the
+    runner-up; the steering block is picked on the validation prompts and its target rate read on
+    the evaluation prompts (``steer_target_rate``; the best block on the evaluation prompts
+    themselves, ``steer_target_rate_max``, is biased upward by the pick and only reported).
+    ``*_original_pick``: the block roles under the first definition (largest raw flip rate)."""
     eff, recon, transfer, splice = (tables[k] for k in ("eff", "recon", "transfer", "splice"))
     key = {s: names[s].replace(".", "_") for s in sites}
     blocks = {key[s]: block_metrics(seed, names[s], eff, recon, transfer, splice) for s in sites}
@@ -516,7 +697,10 @@ def seed_metrics(
     raw_i = argmax_index([a["flip_rate"] for a in abl])
     det_i = argmax_index([a["high_share_kept"] for a in abl])
     steer = [blocks[key[s]]["steering"]["target_rate"] for s in sites]
-    st_i = argmax_index(steer)
+    best_i = argmax_index(steer)
+    st_i = argmax_index([tables["steer_validation"][seed][names[s]] for s in sites])
+    diffs = [tables["flips"][seed][names[s]] for s in sites]
+    lead = composition_margin(diffs, comp_i)
     steer_random = [blocks[key[s]]["random_steering"]["target_rate"] for s in sites]
     late = transfer[(transfer.seed == seed) & (transfer.t < 999)]
     rec, spl = recon[recon.seed == seed], splice[splice.seed == seed]
@@ -525,7 +709,11 @@ def seed_metrics(
         "composition_block": names[comp_site],
         "composition_block_raw_flips": names[sites[raw_i]],
         "detail_block": names[sites[det_i]] if det_i is not None else None,
+        "composition_runner_up": None
+        if lead["runner_up"] is None
+        else names[sites[lead["runner_up"]]],
         "steering_block": names[sites[st_i]],
+        "steering_block_best_on_eval": names[sites[best_i]],
     }
     derived = {
         "fvu_1step_mean": float(rec.fvu.mean()),
@@ -534,6 +722,12 @@ def seed_metrics(
         "blocks_differ": float(det_i is not None and comp_i != det_i),
         "composition_block_is_down": float("down_blocks" in comp_site),
         "composition_excess_flip_rate": excess[comp_i],
+        "composition_margin": lead["margin"],
+        "composition_margin_se": lead["se"],
+        "composition_margin_lower": lead["lower"],
+        "n_ablation_images": lead["n_images"],
+        "blocks_differ_original_pick": float(det_i is not None and raw_i != det_i),
+        "composition_block_is_down_original_pick": float("down_blocks" in sites[raw_i]),
         "composition_flip_rate": abl[comp_i]["flip_rate"],
         "composition_random_flip_rate": rnd[comp_i]["flip_rate"],
         "composition_flip_rate_min_block": min(a["flip_rate"] for a in abl),
@@ -541,7 +735,10 @@ def seed_metrics(
         "random_ablation_flip_rate_mean": float(np.mean([r["flip_rate"] for r in rnd])),
         "detail_high_share_kept": abl[det_i]["high_share_kept"] if det_i is not None else None,
         "composition_block_high_share_kept": abl[comp_i]["high_share_kept"],
-        "steer_target_rate_max": steer[st_i],
+        "steer_target_rate": steer[st_i],
+        "steer_validation_target_rate": tables["steer_validation"][seed][names[sites[st_i]]],
+        "steer_target_rate_max": steer[best_i],
+        "n_steer_images": blocks[key[sites[st_i]]]["steering"]["n_images"],
         "steer_random_target_rate_same_block": steer_random[st_i],
         "steer_gain_over_random": steer[st_i] - steer_random[st_i],
         "steer_target_rate_mean": float(np.mean(steer)),
@@ -561,6 +758,8 @@ def seed_metrics(
             "acc_1step_sae_all_blocks_in_4step"
         ],
         "accuracy_4step_mean_ablation_all_blocks": accuracies["acc_all_mean_4"],
-        "accuracy_1step_1step_sae_min": float(spl.acc_1step_sae_in_1step.min()),
+        "accuracy_1step_1step_sae_min": (
+            float(spl.acc_1step_sae_in_1step.min()) if "acc_1step_sae_in_1step" in spl else None
+        ),
     }
     return {"blocks": blocks, "roles": roles, "derived": derived}
