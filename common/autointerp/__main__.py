@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,8 +69,11 @@ def _bases(args: argparse.Namespace, acts: torch.Tensor) -> list[tuple[str, obje
     out = []
     for folder in args.sae:
         sae = SAE.load(folder).eval()
-        out.append((f"sae:{Path(folder).parent.name or Path(folder).name}", sae_encoder(sae),
-                    sae.decoder_directions.detach()))  # fmt: skip
+        run = Path(folder).parent
+        name = run.name or Path(folder).name
+        if re.fullmatch(r"s\d+", name):  # a sweep run's seed folder: name the run too
+            name = f"{run.parent.name}_{name}"
+        out.append((f"sae:{name}", sae_encoder(sae), sae.decoder_directions.detach()))
     d = acts.shape[1]
     mean = acts.mean(0)
     gen = torch.Generator().manual_seed(args.seed)

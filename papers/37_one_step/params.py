@@ -62,6 +62,9 @@ class Params(PaperParams):
     """Prompted classes A per steering target B"""
     steer_images: PositiveInt = 2
     """Images per (A, B) pair"""
+    validation_seed: NonNegInt = 200
+    """Sampling seed (+ SAE seed) of the validation steering prompts that pick the steering block;
+    never an evaluation seed (those are 7, 10-12 and 100 + seed)"""
     lowpass_cutoff: PositiveFloat = 2.0
     """Cycles per image: pixel change at radial frequency up to this is low"""
     grid_columns: PositiveInt = 6
