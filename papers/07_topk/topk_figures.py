@@ -47,7 +47,7 @@ def topk_figure(runs: pd.DataFrame, p: Any, widest: str, title: str) -> plt.Figu
     axes[1].set_title(f"dead latents, {int(widest_row.d_sae)} latents, k={int(widest_row.k)}")
     axes[2].set(xscale="log", xlabel="latents n", ylabel="FVU")
     axes[2].set_title(f"width at k={int(widest_row.k)}")
-    axes[3].set(xscale="log", yscale="log", xlabel="k", ylabel="FVU")
+    axes[3].set(xscale="log", xlabel="k", ylabel="FVU")
     axes[3].set_title(f"k at {main_width} latents")
     for ax in (axes[0], axes[2], axes[3]):  # log-x axes labelled in plain numbers
         ax.xaxis.set_major_locator(LogLocator(base=2))
