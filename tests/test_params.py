@@ -55,7 +55,11 @@ def test_profiles_are_valid(profile):
         (("seed",), 1.5, "`seed` must be an integer >= 0"),
         (("papers", "seeds"), [0, 1], "`papers.seeds` must be a list of at least 3 distinct"),
         (("papers", "seeds"), [0, 0, 1], "`papers.seeds` must be a list of at least 3 distinct"),
-        (("papers", "inputs"), {"07_topk": {"data": "data/lm"}}, "`papers.inputs` must be the inputs"),
+        (
+            ("papers", "inputs"),
+            {"07_topk": {"data": "data/lm"}},
+            "`papers.inputs` must be the inputs",
+        ),
         # the sweep runs a paper reads: names of lm_sweep.saes (a cross-check), distinct
         (("papers", "19_saebench", "runs"), ["topk_k32", "nope"], "['nope'] is not in the sweep"),
         (("papers", "07_topk", "plain_run"), "nope", "`papers.07_topk.plain_run` must be run"),
@@ -78,7 +82,11 @@ def test_profiles_are_valid(profile):
         (("lm", "model"), "./no/such/model", "the folder ./no/such/model does not exist"),
         (("papers", "clip"), "data/vision/clip_styl", "did you mean 'data/vision/clip_style'"),
         (("papers", "37_one_step", "diffusion"), "sdxl-turbo", "a hub id 'owner/name'"),
-        (("papers", "17_saeuron", "scorer"), "data/diffusion/clasifier", "did you mean 'data/diffusion/classifier'"),
+        (
+            ("papers", "17_saeuron", "scorer"),
+            "data/diffusion/clasifier",
+            "did you mean 'data/diffusion/classifier'",
+        ),
         # devices: the name here; whether it exists on this machine in `check`
         (("lm", "device"), "gpu", "`lm.device` must be a torch device: 'cpu', 'cuda', 'cuda:N'"),
         (("toy_train", "device"), "CPU", "`toy_train.device` must be a torch device"),
