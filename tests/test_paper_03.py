@@ -1,6 +1,7 @@
 """Paper 3 (SpLiCE): helpers of papers/03_splice/splice.py on inputs with known answers."""
 
 import importlib.util
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("splice_03", ROOT / "papers/03_splice/splice.py")
 splice = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = splice
 _spec.loader.exec_module(splice)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from common.sae import build_sae
 _PATH = Path(__file__).resolve().parents[1] / "papers" / "37_one_step" / "one_step.py"
 _SPEC = importlib.util.spec_from_file_location("one_step_paper37", _PATH)
 one_step = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = one_step  # dataclasses look their module up here
 _SPEC.loader.exec_module(one_step)
 
 
