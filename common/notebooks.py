@@ -4,7 +4,7 @@ DVC can only splice scalars into a command line, while paper notebooks take list
 and mappings. This runner reads the named sections of ``params.yaml`` and hands them to papermill:
 
     python -m common.notebooks papers/07_topk/topk.ipynb outputs/07_topk/topk.ipynb \
-        --params papers.seeds papers.07_topk --set figure_dir=figures/07_topk
+        --params papers.seeds papers.topk --set figure_dir=figures/07_topk
 
 A mapping section contributes each of its keys as a parameter; any other value is passed under its
 last key (``papers.seeds`` -> ``seeds``). ``--set name=value`` adds literal parameters, the value

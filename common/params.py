@@ -376,6 +376,31 @@ def paper_folders() -> list[str]:
     )
 
 
+def paper_section(folder: str) -> str:
+    """The key of a folder's own section of params.yaml: ``papers.<name>``, the folder name
+    without its number (``46_monosemanticity`` -> ``monosemanticity``). DVC parses ``dvc exp run
+    -S`` with Hydra's override grammar, where a key may not start with a digit."""
+    return folder.split("_", 1)[1]
+
+
+def paper_sections() -> dict[str, str]:
+    """Section key -> folder, for every paper folder; a ``ParamsError`` when two folders share a
+    name or a name is taken by a shared ``papers`` setting."""
+    from common.settings import Papers
+
+    sections: dict[str, str] = {}
+    for folder in paper_folders():
+        key = paper_section(folder)
+        if key in sections or key in Papers.model_fields:
+            taken = f"papers/{sections[key]}" if key in sections else f"the shared `papers.{key}`"
+            raise ParamsError(
+                f"papers/{folder}: its params section `papers.{key}` is already {taken}; "
+                "rename the folder (the part after the number must be unique)"
+            )
+        sections[key] = folder
+    return sections
+
+
 @cache
 def paper_params_class(folder: str) -> type[Section]:
     """The ``Params`` class declared in ``papers/<folder>/params.py``."""
@@ -407,7 +432,8 @@ def declared_defaults() -> dict[str, Any]:
     """The default profile: every declared default, shared sections and paper folders."""
     params = _shared()().model_dump(mode="json")
     for folder in paper_folders():
-        params["papers"][folder] = paper_params_class(folder)().model_dump(mode="json")
+        section = paper_params_class(folder)().model_dump(mode="json")
+        params["papers"][paper_section(folder)] = section
     params["papers"]["inputs"] = paper_inputs()
     return params
 
@@ -417,11 +443,21 @@ def paper_inputs() -> dict[str, dict[str, str]]:
     of the kind its ``Params.inputs`` declares): ``papers.inputs`` of params.yaml."""
     from common.settings import INPUT_STAGE
 
-    return {f: dict(INPUT_STAGE[paper_params_class(f).inputs]) for f in paper_folders()}
+    return {
+        f: {**INPUT_STAGE[paper_params_class(f).inputs], "section": paper_section(f)}
+        for f in paper_folders()
+    }
 
 
 def _papers_part(params: dict[str, Any]) -> dict[str, Any]:
     return params.get("papers") if isinstance(params.get("papers"), dict) else {}
+
+
+def shared_part(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the paper folders' own sections: what ``SharedParams`` validates."""
+    sections = paper_sections()
+    papers = {k: v for k, v in _papers_part(params).items() if k not in sections}
+    return {**params, "papers": papers}
 
 
 def validate_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -431,17 +467,16 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(params, dict):
         raise ParamsError(f"params.yaml must be a mapping of sections, got {params!r}")
-    folders = paper_folders()
+    sections = paper_sections()
     papers = _papers_part(params)
-    shared_view = {**params, "papers": {k: v for k, v in papers.items() if k not in folders}}
-    shared = validate_section(_shared(), shared_view, "")
-    for folder in folders:
-        if folder not in papers:
+    shared = validate_section(_shared(), shared_part(params), "")
+    for key, folder in sections.items():
+        if key not in papers:
             raise ParamsError(
-                f"params.yaml: missing key(s) ['papers.{folder}'] (declared in "
+                f"params.yaml: missing key(s) ['papers.{key}'] (declared in "
                 f"papers/{folder}/params.py); regenerate with `python -m common.params use default`"
             )
-        validate_section(paper_params_class(folder), papers[folder], f"papers.{folder}")
+        validate_section(paper_params_class(folder), papers[key], f"papers.{key}")
     want = paper_inputs()
     if shared.papers.inputs != want:  # type: ignore[attr-defined]
         raise fail(
@@ -474,7 +509,8 @@ def check_hardware(params: dict[str, Any]) -> None:
 
     keys = list(_device_paths(_shared()))
     for folder in paper_folders():
-        keys += list(_device_paths(paper_params_class(folder), f"papers.{folder}"))
+        prefix = f"papers.{paper_section(folder)}"
+        keys += list(_device_paths(paper_params_class(folder), prefix))
     for key in keys:
         value: Any = params
         for part in key.split("."):

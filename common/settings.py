@@ -298,6 +298,14 @@ def _sae_runs(value: dict[str, Any]) -> dict[str, Any]:
     if not value:
         raise Invalid(expected)
     for run, hyper in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(run)):
+            # DVC reads a dot in a params key as nesting: `sweep_lm@relu_1.5` would find no params
+            raise Invalid(
+                "a run name of letters, digits, `_` and `-`",
+                f" (write 1.5 as 1p5): {run!r}",
+                subkey=str(run),
+                value=run,
+            )
         if not isinstance(hyper, dict):
             raise Invalid("a mapping of hyperparameters", subkey=run, value=hyper)
         arch = hyper.get("architecture", run)
@@ -504,10 +512,10 @@ def _sweep_saes() -> dict[str, Any]:
     and gated penalty sweeps, the TopK k sweep and width sweep (papers 00, 02, 07, 19, 22, 45)."""
     w = 1152
     runs: dict[str, Any] = {}
-    for l1 in (1.5, 3.0, 6.0):
-        runs[f"relu_l1_{l1:g}"] = {"architecture": "relu", "d_sae": w, "l1_coefficient": l1}
-    for l1 in (3.0, 6.0, 12.0):
-        runs[f"gated_l1_{l1:g}"] = {"architecture": "gated", "d_sae": w, "l1_coefficient": l1}
+    for arch, l1s in (("relu", (1.5, 3.0, 6.0)), ("gated", (3.0, 6.0, 12.0))):
+        for l1 in l1s:  # run names carry no dot (DVC would read it as nesting): 1.5 -> 1p5
+            name = f"{arch}_l1_{l1:g}".replace(".", "p")
+            runs[name] = {"architecture": arch, "d_sae": w, "l1_coefficient": l1}
     runs["jumprelu"] = {
         "d_sae": w,
         "l0_coefficient": 1.0,
@@ -573,9 +581,10 @@ INPUT_STAGE: dict[str, dict[str, str]] = {
 
 
 class Papers(Section):
-    """What every paper folder shares. Each folder's own section (``papers.<folder>``) is declared
-    in ``papers/<folder>/params.py``; ``inputs`` (generated from those declarations) says which
-    shared inputs each folder reads, for ``dvc.yaml``'s ``paper`` pattern."""
+    """What every paper folder shares. Each folder's own section (``papers.<name>``, the folder
+    name without its number) is declared in ``papers/<folder>/params.py``;
+    ``inputs`` (generated from those declarations) says which shared inputs each
+    folder reads, for ``dvc.yaml``'s ``paper`` pattern."""
 
     seeds: Seeds = [0, 1, 2]
     """claims are checked over each of these seeds"""
@@ -633,10 +642,10 @@ def _paper_sweep_runs_exist(params: dict[str, Any]) -> None:
     """The sweep runs each paper folder declares it reads (``SweepRun(s)`` fields) are in
     ``lm_sweep.saes``."""
     from common.kit.params import check_sweep_runs
-    from common.params import paper_folders, paper_params_class
+    from common.params import paper_params_class, paper_sections
 
-    for folder in paper_folders():
-        section = paper_params_class(folder).model_validate(params["papers"][folder])
+    for key, folder in paper_sections().items():
+        section = paper_params_class(folder).model_validate(params["papers"][key])
         check_sweep_runs(folder, section, params["lm_sweep"]["saes"])
 
 

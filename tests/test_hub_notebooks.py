@@ -20,7 +20,7 @@ import pytest
 import yaml
 from tiny_hub import save_tiny_clip, save_tiny_sd
 
-from common.params import load_yaml
+from common.params import load_yaml, paper_section
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "tree", "car"]
@@ -37,15 +37,16 @@ def hub(tmp_path_factory):
 
 
 def run_paper(folder: str, tmp_path: Path, values: dict) -> tuple[dict, list[str]]:
-    """Run ``papers/<folder>`` with ``papers.<folder>`` = its params.yaml values updated by
-    ``values`` (and the smallest seed list params allow); its metrics.json and figure names."""
+    """Run ``papers/<folder>`` with its section of params.yaml updated by ``values``
+    (and the smallest seed list params allow); its metrics.json and figure names."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints")
     for part in ("common", "papers"):
         shutil.copytree(ROOT / part, repo / part, ignore=ignore)
     params = load_yaml((ROOT / "params.yaml").read_text())
     params["papers"]["seeds"] = [0, 1, 2]
-    params["papers"][folder] = {**params["papers"][folder], **values}
+    key = paper_section(folder)
+    params["papers"][key] = {**params["papers"][key], **values}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(repo)}
     env.pop("SAE_PARAMS_FILE", None)

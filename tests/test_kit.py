@@ -12,7 +12,7 @@ from common import kit
 from common.activations.store import ActivationStoreWriter
 from common.kit import sweep
 from common.kit.params import sweep_runs_of
-from common.params import ParamsError, profile_params
+from common.params import ParamsError, profile_params, shared_part
 from common.settings import SharedParams
 
 
@@ -27,10 +27,10 @@ def smoke_params(tmp_path, monkeypatch):
 
 def test_open_paper_reads_params_yaml_and_overrides_are_checked(smoke_params):
     paper = kit.open_paper("07_topk")
-    assert paper.params.eval_tokens == smoke_params["papers"]["07_topk"]["eval_tokens"]
+    assert paper.params.eval_tokens == smoke_params["papers"]["topk"]["eval_tokens"]
     assert paper.seeds == smoke_params["papers"]["seeds"]
     assert kit.open_paper("07_topk", overrides={"eval_tokens": 3}).params.eval_tokens == 3
-    with pytest.raises(ParamsError, match="`papers.07_topk.eval_tokens` must be a positive integ"):
+    with pytest.raises(ParamsError, match="`papers.topk.eval_tokens` must be a positive integ"):
         kit.open_paper("07_topk", overrides={"eval_tokens": -1})
     with pytest.raises(ParamsError, match="not inside a paper folder"):
         kit.open_paper()  # the tests do not run inside papers/NN_name
@@ -39,15 +39,15 @@ def test_open_paper_reads_params_yaml_and_overrides_are_checked(smoke_params):
 def test_the_sweep_runs_a_paper_reads_are_checked_at_open_time(smoke_params):
     paper = kit.open_paper("45_absorption")
     assert sweep_runs_of(paper.params) == {
-        "width_runs": smoke_params["papers"]["45_absorption"]["width_runs"],
-        "k_runs": smoke_params["papers"]["45_absorption"]["k_runs"],
+        "width_runs": smoke_params["papers"]["absorption"]["width_runs"],
+        "k_runs": smoke_params["papers"]["absorption"]["k_runs"],
     }
     assert sweep_runs_of(kit.open_paper("07_topk").params)["plain_run"] == ["topk_k8_w2304_plain"]
-    with pytest.raises(ParamsError, match=r"`papers.45_absorption.k_runs` .*\['topk_k99'\] is not"):
-        kit.open_paper("45_absorption", overrides={"k_runs": ["topk_k16", "topk_k99"]})
+    with pytest.raises(ParamsError, match=r"`papers.absorption.k_runs` .*\['topk_k99'\] is not"):
+        kit.open_paper("45_absorption", overrides={"k_runs": ["topk_k32", "topk_k99"]})
     hyper = paper.sweep_hyperparameters("topk_k8_w2304_plain")
     assert hyper["architecture"] == "topk" and hyper["aux_coefficient"] == 0.0
-    assert paper.sweep_hyperparameters("jumprelu")["architecture"] == "jumprelu"  # the run's name
+    assert paper.sweep_hyperparameters("msae")["architecture"] == "msae"  # the run's name
 
 
 def test_shared_training_settings_come_from_papers_training(smoke_params):
@@ -83,10 +83,7 @@ def test_sweep_trains_every_seed_with_a_half_budget_snapshot(smoke_params, tmp_p
     store = tmp_path / "data/lm/train/resid_post.1"
     with ActivationStoreWriter(store, d=16, shard_tokens=512, metadata={"site": "t"}) as writer:
         writer.append(torch.randn(2048, 16) + 3.0)
-    shared = SharedParams.model_validate(
-        {**smoke_params, "papers": {k: v for k, v in smoke_params["papers"].items()
-                                    if not k[:2].isdigit()}}
-    )  # fmt: skip
+    shared = SharedParams.model_validate(shared_part(smoke_params))
     folders = sweep.train_run("topk_k32", shared, root=tmp_path)
     assert [f.name for f in folders] == [f"s{s}" for s in shared.papers.seeds]
     paper = kit.open_paper("07_topk")

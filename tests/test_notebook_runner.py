@@ -7,7 +7,7 @@ import pytest
 
 from common.notebooks import NotebookParamsError, collect_parameters, main, params_at
 
-PARAMS = {"papers": {"seeds": [0, 1, 2], "07_topk": {"widths": [8, 16], "steps": 5}}}
+PARAMS = {"papers": {"seeds": [0, 1, 2], "topk": {"widths": [8, 16], "steps": 5}}}
 
 
 def _notebook(path):
@@ -29,7 +29,7 @@ def _notebook(path):
 
 def test_sections_and_literals_become_parameters():
     got = collect_parameters(
-        PARAMS, ["papers.seeds", "papers.07_topk"], ["out=a/b.json", "n=128", "s=[a.1, b.1]"]
+        PARAMS, ["papers.seeds", "papers.topk"], ["out=a/b.json", "n=128", "s=[a.1, b.1]"]
     )
     assert got == {
         "seeds": [0, 1, 2],
@@ -42,8 +42,8 @@ def test_sections_and_literals_become_parameters():
 
 
 def test_missing_section_names_the_key():
-    with pytest.raises(NotebookParamsError, match=r"no `07_topkk` under `papers`"):
-        params_at(PARAMS, "papers.07_topkk")
+    with pytest.raises(NotebookParamsError, match=r"no `topkk` under `papers`"):
+        params_at(PARAMS, "papers.topkk")
 
 
 def test_runs_notebook_with_lists_and_rejects_unknown(tmp_path):
@@ -53,7 +53,7 @@ def test_runs_notebook_with_lists_and_rejects_unknown(tmp_path):
     _notebook(nb)
     params_file.write_text(yaml.safe_dump(PARAMS))
     common = [str(nb), str(tmp_path / "run.ipynb"), "--params-file", str(params_file)]
-    main([*common, "--params", "papers.seeds", "papers.07_topk", "--set", f"out={out}"])
+    main([*common, "--params", "papers.seeds", "papers.topk", "--set", f"out={out}"])
     assert json.loads(out.read_text()) == {"seeds": [0, 1, 2], "widths": [8, 16], "steps": 5}
     with pytest.raises(SystemExit, match=r"\['typo'\] are not in its `parameters` cell"):
         main([*common, "--set", "typo=1"])

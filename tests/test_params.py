@@ -20,6 +20,7 @@ from common.params import (
     load_params,
     load_yaml,
     main,
+    paper_sections,
     profile_params,
     validate_params,
 )
@@ -61,9 +62,9 @@ def test_profiles_are_valid(profile):
             "`papers.inputs` must be the inputs",
         ),
         # the sweep runs a paper reads: names of lm_sweep.saes (a cross-check), distinct
-        (("papers", "19_saebench", "runs"), ["topk_k32", "nope"], "['nope'] is not in the sweep"),
-        (("papers", "07_topk", "plain_run"), "nope", "`papers.07_topk.plain_run` must be run"),
-        (("papers", "07_topk", "width_runs"), ["topk_k8", "topk_k8"], "a list of distinct run"),
+        (("papers", "saebench", "runs"), ["topk_k32", "nope"], "['nope'] is not in the sweep"),
+        (("papers", "topk", "plain_run"), "nope", "`papers.topk.plain_run` must be run"),
+        (("papers", "topk", "width_runs"), ["topk_k8", "topk_k8"], "a list of distinct run"),
         # hook sites, checked by name (common.models.sites) and layer, before any model is loaded
         (
             ("lm", "site"),
@@ -72,42 +73,42 @@ def test_profiles_are_valid(profile):
         ),
         (("lm", "site"), "resid_post.30", "layer 30 is out of range in 'resid_post.30'"),
         (("lm", "mlp_site"), "mlp_out12", "`lm.mlp_site` must be a hook site '<kind>.<layer>'"),
-        (("papers", "21_universal", "sites"), ["block.10", "block.16"], "layers 0..15"),
-        (("papers", "21_universal", "sites"), ["block.10", "feature"], "did you mean 'features'"),
-        (("papers", "17_saeuron", "site"), "up_blocks.0.attentions.1", "mean 'unet.up_blocks"),
-        (("papers", "37_one_step", "sites"), ["unet.up_blocks.0.resnets.1"], "cross-attention"),
+        (("papers", "universal", "sites"), ["block.10", "block.16"], "layers 0..15"),
+        (("papers", "universal", "sites"), ["block.10", "feature"], "did you mean 'features'"),
+        (("papers", "saeuron", "site"), "up_blocks.0.attentions.1", "mean 'unet.up_blocks"),
+        (("papers", "one_step", "sites"), ["unet.up_blocks.0.resnets.1"], "cross-attention"),
         # model names: a built-in, a folder that exists or a hub id
         (("lm", "model"), "smollm2-135", "did you mean 'smollm2-135m'"),
         (("lm", "model"), "efficientnet-lite0", "it is a vision model"),
         (("lm", "model"), "./no/such/model", "the folder ./no/such/model does not exist"),
         (("papers", "clip"), "data/vision/clip_styl", "did you mean 'data/vision/clip_style'"),
-        (("papers", "37_one_step", "diffusion"), "sdxl-turbo", "a hub id 'owner/name'"),
+        (("papers", "one_step", "diffusion"), "sdxl-turbo", "a hub id 'owner/name'"),
         (
-            ("papers", "17_saeuron", "scorer"),
+            ("papers", "saeuron", "scorer"),
             "data/diffusion/clasifier",
             "did you mean 'data/diffusion/classifier'",
         ),
         # devices: the name here; whether it exists on this machine in `check`
         (("lm", "device"), "gpu", "`lm.device` must be a torch device: 'cpu', 'cuda', 'cuda:N'"),
         (("toy_train", "device"), "CPU", "`toy_train.device` must be a torch device"),
-        (("papers", "17_saeuron", "device"), "cuda:x", "`papers.17_saeuron.device` must be"),
+        (("papers", "saeuron", "device"), "cuda:x", "`papers.saeuron.device` must be"),
         # numbers: finite, and a quoted number says how to write it
         (("toy_train", "lr"), float("inf"), "got inf; inf and nan are not accepted"),
         (("lm_sweep", "lr"), float("nan"), "got nan; inf and nan are not accepted"),
         (("classifier", "epochs"), float("inf"), "`classifier.epochs` must be a positive number"),
-        (("papers", "14_patch_sae", "threshold"), float("inf"), "inf and nan are not accepted"),
-        (("papers", "34_sauce", "gammas"), [1.0, float("nan")], "inf and nan are not accepted"),
-        (("papers", "34_sauce", "gamma_main"), float("-inf"), "inf and nan are not accepted"),
-        (("papers", "17_saeuron", "gamma"), float("-inf"), "inf and nan are not accepted"),
-        (("papers", "17_saeuron", "guidance_scale"), float("inf"), "inf and nan are not accepted"),
-        (("papers", "28_msae", "msae_alphas"), [1.0, float("inf")], "inf and nan are not accepted"),
+        (("papers", "patch_sae", "threshold"), float("inf"), "inf and nan are not accepted"),
+        (("papers", "sauce", "gammas"), [1.0, float("nan")], "inf and nan are not accepted"),
+        (("papers", "sauce", "gamma_main"), float("-inf"), "inf and nan are not accepted"),
+        (("papers", "saeuron", "gamma"), float("-inf"), "inf and nan are not accepted"),
+        (("papers", "saeuron", "guidance_scale"), float("inf"), "inf and nan are not accepted"),
+        (("papers", "msae", "msae_alphas"), [1.0, float("inf")], "inf and nan are not accepted"),
         (
             ("toy_train", "lr"),
             "1e-3",
             "'1e-3' is a string: write it as a number, without quotes, e.g. 0.001",
         ),
         (
-            ("papers", "28_msae", "relu_l1"),
+            ("papers", "msae", "relu_l1"),
             ["5E-4", 0.01],
             "write it as a number, without quotes, e.g. 0.0005",
         ),
@@ -144,6 +145,31 @@ def test_unknown_architecture_and_hyperparameter(default):
     params["toy_train"]["saes"] = {"relu": {"d_sae": -8}}
     with pytest.raises(ParamsError, match="d_sae"):
         validate_params(params)
+
+
+def test_run_name_with_a_dot_is_refused(default):
+    """DVC reads `a.b` in a params key as nesting: `sweep_lm@relu_l1_1.5` would find no params."""
+    params = copy.deepcopy(default)
+    params["lm_sweep"]["saes"] = {"relu_l1_1.5": {"architecture": "relu", "d_sae": 8}}
+    with pytest.raises(ParamsError, match=r"lm_sweep.saes.relu_l1_1.5.*letters, digits.*1p5"):
+        validate_params(params)
+
+
+def test_every_params_key_parses_as_a_dvc_set_param(default):
+    """`dvc exp run -S key=value` parses keys with Hydra's override grammar, where no part may
+    start with a digit: every paper section and sweep run must be a key a researcher can set."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = [f"papers.{section}.x=1" for section in paper_sections()]
+    keys += [f"lm_sweep.saes.{run}.d_sae=8" for run in default["lm_sweep"]["saes"]]
+    parsed = OverridesParser.create().parse_overrides(keys)
+    assert [o.key_or_group for o in parsed] == [k.split("=")[0] for k in keys]
+
+
+def test_two_folders_with_one_section_name_are_refused(monkeypatch):
+    monkeypatch.setattr("common.params.paper_folders", lambda: ["07_topk", "08_topk"])
+    with pytest.raises(ParamsError, match=r"papers/08_topk: .*`papers.topk` is already papers/07"):
+        paper_sections()
 
 
 def test_missing_key(default):
@@ -366,7 +392,7 @@ def test_every_stage_depends_on_the_params_check():
 
 def test_check_is_fast_and_fails_before_any_work(tmp_path, default):
     params = copy.deepcopy(default)
-    params["papers"]["45_absorption"]["eval_tokens"] = -1  # a late key: most is checked first
+    params["papers"]["absorption"]["eval_tokens"] = -1  # a late key: most is checked first
     bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
     bad.write_text(yaml.safe_dump(params, sort_keys=False))
     good.write_text(yaml.safe_dump(default, sort_keys=False))
@@ -390,7 +416,7 @@ print("RESULT", ok, bad, t1 - t0, t2 - t1, heavy)
     assert result.startswith("RESULT"), run.stderr
     _, ok, bad_rc, seconds_ok, seconds_bad, heavy = result.split(maxsplit=5)
     assert (ok, bad_rc) == ("0", "2"), run.stderr
-    assert "`papers.45_absorption.eval_tokens` must be a positive integer, got -1" in run.stderr
+    assert "`papers.absorption.eval_tokens` must be a positive integer, got -1" in run.stderr
     assert not out.exists()  # no stamp: no stage downstream of check_params can start
     assert heavy.strip() == "[]"  # no model library is loaded to check the file
     assert float(seconds_ok) < 1.0 and float(seconds_bad) < 1.0

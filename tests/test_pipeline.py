@@ -149,9 +149,9 @@ def test_smoke_pipeline_end_to_end(repo):
 
     # One paper parameter, changed with `dvc exp run -S`, reruns that paper's stages only.
     folder = "46_monosemanticity"
-    shown_images = yaml.safe_load((repo / "params.yaml").read_text())["papers"][folder]
+    shown_images = yaml.safe_load((repo / "params.yaml").read_text())["papers"]["monosemanticity"]
     value = shown_images["n_grid_images"] + 1
-    exp = _run(["dvc", "exp", "run", "-S", f"papers.{folder}.n_grid_images={value}"], repo)
+    exp = _run(["dvc", "exp", "run", "-S", f"papers.monosemanticity.n_grid_images={value}"], repo)
     assert _ran_stages(exp.stdout) == {
         "check_params",
         f"paper@{folder}",

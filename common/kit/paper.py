@@ -2,10 +2,11 @@
 
 A notebook in ``papers/<folder>/`` starts with ``paper = kit.open_paper()``: the folder is the
 notebook's own (the kernel's working directory, as JupyterLab and ``python -m common.kit run``
-start it), its parameters are ``papers.<folder>`` of ``params.yaml`` validated against
-``papers/<folder>/params.py``, and every path is resolved against the repository root, wherever
-the notebook was opened from. What the notebook writes goes where the pipeline expects it:
-``metrics/papers/<folder>/metrics.json`` (read by the claims checker) and ``figures/<folder>/``.
+start it), its parameters are ``papers.<name>`` of ``params.yaml`` (the folder name without its
+number) validated against ``papers/<folder>/params.py``, and every path is resolved
+against the repository root, wherever the notebook was opened from. What the notebook
+writes goes where the pipeline expects it: ``metrics/papers/<folder>/metrics.json`` (read by the
+claims checker) and ``figures/<folder>/``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from common.params import (
     load_yaml,
     paper_folders,
     paper_params_class,
+    paper_section,
+    shared_part,
     validate_section,
 )
 from common.settings import SharedParams, Training
@@ -218,8 +221,9 @@ class Paper:
 
         if run not in self.shared.lm_sweep.saes:
             raise ValueError(
-                f"papers.{self.folder} reads sweep run {run!r}, which lm_sweep.saes does not have "
-                f"(runs: {sorted(self.shared.lm_sweep.saes)}); add it there"
+                f"papers.{paper_section(self.folder)} reads sweep run {run!r}, which "
+                f"lm_sweep.saes does not have (runs: {sorted(self.shared.lm_sweep.saes)}); "
+                "add it there"
             )
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
@@ -319,15 +323,15 @@ def open_paper(folder: str | None = None, overrides: Mapping[str, Any] | None = 
             f"{path} does not exist; write it with `python -m common.params use default`"
         ) from None
     papers = raw.get("papers", {}) if isinstance(raw, dict) else {}
-    if folder not in papers:
+    key = paper_section(folder)
+    if key not in papers:
         raise ParamsError(
-            f"{path} has no `papers.{folder}`; regenerate it with `python -m common.params use "
+            f"{path} has no `papers.{key}`; regenerate it with `python -m common.params use "
             "default` (or the profile you use)"
         )
-    section = {**papers[folder], **dict(overrides or {})}
-    params = validate_section(paper_params_class(folder), section, f"papers.{folder}")
-    shared_view = {**raw, "papers": {k: v for k, v in papers.items() if k not in paper_folders()}}
-    shared = validate_section(SharedParams, shared_view, "")
+    section = {**papers[key], **dict(overrides or {})}
+    params = validate_section(paper_params_class(folder), section, f"papers.{key}")
+    shared = validate_section(SharedParams, shared_part(raw), "")
     check_sweep_runs(folder, params, shared.lm_sweep.saes)  # the sweep runs it reads exist
     torch.manual_seed(0)
     return Paper(folder=folder, params=params, shared=shared, raw=raw)

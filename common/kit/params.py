@@ -35,6 +35,7 @@ from common.params import (
     _split,
     expects,
     fail,
+    paper_section,
 )
 from common.settings import (
     ClipModel,
@@ -103,14 +104,14 @@ def sweep_runs_of(params: Section) -> dict[str, list[str]]:
 
 
 def check_sweep_runs(folder: str, params: Section, saes: dict[str, object]) -> None:
-    """Raise ``ParamsError`` naming the field and the runs when ``papers.<folder>`` reads sweep
+    """Raise ``ParamsError`` naming the field and the runs when ``papers.<name>`` reads sweep
     runs that ``lm_sweep.saes`` does not have."""
     for name, runs in sweep_runs_of(params).items():
         missing = [r for r in runs if r not in saes]
         if missing:
             value = getattr(params, name)
             raise fail(
-                f"papers.{folder}.{name}",
+                f"papers.{paper_section(folder)}.{name}",
                 value,
                 f"{SWEEP_TEXT}: {sorted(saes)}",
                 f": {missing} {'is' if len(missing) == 1 else 'are'} not in the sweep (add a run "
@@ -119,7 +120,8 @@ def check_sweep_runs(folder: str, params: Section, saes: dict[str, object]) -> N
 
 
 class PaperParams(Section):
-    """A paper folder's own section of params.yaml, ``papers.<folder>``."""
+    """A paper folder's own section of params.yaml, ``papers.<name>``
+    (the folder name without its number)."""
 
     inputs: ClassVar[InputKind] = "lm"
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from common import layout
-from common.params import ParamsError, load_params, paper_folders
+from common.params import ParamsError, load_params, paper_folders, shared_part
 
 
 def notebooks(folder: str) -> list[Path]:
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             from common.settings import SharedParams
 
             params = load_params(os.environ.get("SAE_PARAMS_FILE") or layout.ROOT / "params.yaml")
-            shared_view = {
-                **params,
-                "papers": {k: v for k, v in params["papers"].items() if k not in paper_folders()},
-            }
-            train_run(args.run, SharedParams.model_validate(shared_view))
+            train_run(args.run, SharedParams.model_validate(shared_part(params)))
         else:
             run_folder(args.folder, html=not args.no_html)
     except (ParamsError, ValueError, FileNotFoundError) as err:

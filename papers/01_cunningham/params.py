@@ -1,4 +1,4 @@
-"""Parameters of paper 01, declared once: params.yaml `papers.01_cunningham`."""
+"""Parameters of paper 01, declared once: params.yaml `papers.cunningham`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameters of paper 02, declared once: params.yaml `papers.02_gated`."""
+"""Parameters of paper 02, declared once: params.yaml `papers.gated`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class Params(PaperParams):
 
     inputs = "lm"
 
-    relu_runs: SweepRuns = ["relu_l1_1.5", "relu_l1_3", "relu_l1_6"]
+    relu_runs: SweepRuns = ["relu_l1_1p5", "relu_l1_3", "relu_l1_6"]
     """The ReLU + L1 baseline: runs of `lm_sweep.saes`, one per sparsity coefficient"""
     gated_runs: SweepRuns = ["gated_l1_3", "gated_l1_6", "gated_l1_12"]
     """The gated SAEs (the penalty on the gate): runs of `lm_sweep.saes`"""

@@ -1,4 +1,4 @@
-"""Parameters of paper 03, declared once: params.yaml `papers.03_splice`."""
+"""Parameters of paper 03, declared once: params.yaml `papers.splice`."""
 
 from __future__ import annotations
 

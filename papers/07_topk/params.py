@@ -1,4 +1,4 @@
-"""Parameters of paper 07, declared once: params.yaml `papers.07_topk`."""
+"""Parameters of paper 07, declared once: params.yaml `papers.topk`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class Params(PaperParams):
 
     inputs = "lm"
 
-    relu_runs: SweepRuns = ["relu_l1_1.5", "relu_l1_3", "relu_l1_6"]
+    relu_runs: SweepRuns = ["relu_l1_1p5", "relu_l1_3", "relu_l1_6"]
     """The ReLU + L1 baseline: runs of `lm_sweep.saes` at one width, several L1 coefficients"""
     topk_runs: SweepRuns = ["topk_k8", "topk_k16", "topk_k24", "topk_k32", "topk_k64"]
     """TopK at the baseline's width, several k: the frontier and the k scaling law"""

@@ -1,4 +1,4 @@
-"""Parameters of paper 14, declared once: params.yaml `papers.14_patch_sae`."""
+"""Parameters of paper 14, declared once: params.yaml `papers.patch_sae`."""
 
 from __future__ import annotations
 

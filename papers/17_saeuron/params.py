@@ -1,4 +1,4 @@
-"""Parameters of paper 17, declared once: params.yaml `papers.17_saeuron`."""
+"""Parameters of paper 17, declared once: params.yaml `papers.saeuron`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameters of paper 18, declared once: params.yaml `papers.18_archetypal`."""
+"""Parameters of paper 18, declared once: params.yaml `papers.archetypal`."""
 
 from __future__ import annotations
 

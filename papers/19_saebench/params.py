@@ -1,4 +1,4 @@
-"""Parameters of paper 19, declared once: params.yaml `papers.19_saebench`."""
+"""Parameters of paper 19, declared once: params.yaml `papers.saebench`."""
 
 from __future__ import annotations
 

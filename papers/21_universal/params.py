@@ -1,4 +1,4 @@
-"""Parameters of paper 21, declared once: params.yaml `papers.21_universal`."""
+"""Parameters of paper 21, declared once: params.yaml `papers.universal`."""
 
 from __future__ import annotations
 

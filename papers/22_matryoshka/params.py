@@ -1,4 +1,4 @@
-"""Parameters of paper 22, declared once: params.yaml `papers.22_matryoshka`."""
+"""Parameters of paper 22, declared once: params.yaml `papers.matryoshka`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameters of paper 28, declared once: params.yaml `papers.28_msae`."""
+"""Parameters of paper 28, declared once: params.yaml `papers.msae`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Params(PaperParams):
     """Nested k_1 < ... < k_h of the MSAE"""
     msae_alphas: list[NonNegFloat] | None = None
     """Uniform weights (the paper's UW variant)"""
-    topk_ks: Annotated[list[PositiveInt], Field(min_length=1)] = [8, 16, 32, 64]
+    topk_ks: Annotated[list[PositiveInt], Field(min_length=1), Increasing] = [8, 16, 32, 64]
     """One TopK SAE per k, same width"""
     relu_l1: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 3.0, 8.0]
     """One ReLU + L1 SAE per coefficient, same width"""

@@ -1,4 +1,4 @@
-"""Parameters of paper 34, declared once: params.yaml `papers.34_sauce`."""
+"""Parameters of paper 34, declared once: params.yaml `papers.sauce`."""
 
 from __future__ import annotations
 

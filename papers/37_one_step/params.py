@@ -1,4 +1,4 @@
-"""Parameters of paper 37, declared once: params.yaml `papers.37_one_step`."""
+"""Parameters of paper 37, declared once: params.yaml `papers.one_step`."""
 
 from __future__ import annotations
 

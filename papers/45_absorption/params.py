@@ -1,4 +1,4 @@
-"""Parameters of paper 45, declared once: params.yaml `papers.45_absorption`."""
+"""Parameters of paper 45, declared once: params.yaml `papers.absorption`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameters of paper 46, declared once: params.yaml `papers.46_monosemanticity`."""
+"""Parameters of paper 46, declared once: params.yaml `papers.monosemanticity`."""
 
 from __future__ import annotations
 
